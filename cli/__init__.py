@@ -1,0 +1,1 @@
+"""The ``dam`` command-line interface (nothing imports it)."""

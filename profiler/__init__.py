@@ -1,0 +1,1 @@
+"""The DAM profiler: model loading, calibration data, attention capture, the zarr profile store."""

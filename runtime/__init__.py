@@ -1,0 +1,1 @@
+"""The DAM runtime: artifact loading, planning, transformers integration."""

@@ -1,0 +1,58 @@
+"""Shared fixtures and markers.
+
+TRITON_INTERPRET must be set before any Triton kernel module is imported, so it is set here (the
+first thing pytest imports) whenever no CUDA device is present.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+requires_cuda = pytest.mark.skipif(not _HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "requires_cuda: needs a CUDA GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("requires_cuda") and not _HAS_CUDA:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    """Fresh but reproducible randomness per test (seeded from the test's name)."""
+    import random
+    import zlib
+
+    seed = zlib.crc32(os.environ.get("PYTEST_CURRENT_TEST", "").encode()) & 0xFFFF
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+    torch.manual_seed(seed)
+    yield
+
+
+@pytest.fixture(scope="session")
+def dam_cache(tmp_path_factory):
+    """The DAM cache root the tests use (the user's DAM_CACHE if set, so the converted
+    SmolLM2 is reused across runs; otherwise ~/.cache/dam)."""
+    return os.environ.get("DAM_CACHE", os.path.expanduser("~/.cache/dam"))
