@@ -14,7 +14,7 @@ def _stage_errors() -> tuple[type[BaseException], ...]:
         ("dam.profiler", "ProfileError"),
         ("dam.compiler", "ArtifactError"),
         ("dam.kernels", "LayoutError"),
-        ("dam.runtime", "RuntimeError_"),
+        ("dam.runtime", "DamRuntimeError"),
     ):
         try:
             errs.append(getattr(__import__(mod, fromlist=[name]), name))

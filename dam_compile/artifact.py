@@ -1,0 +1,113 @@
+"""The compiled artifact: per-head program assignment, the program table, calibration figures.
+
+``save_artifact`` / ``load_artifact`` (safetensors, schema ``dam.artifact/1``) live beside this
+class; the loader validates everything and raises ``ArtifactError`` naming what is wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .ir import ArtifactError, MaskProgram
+
+SCHEMA = "dam.artifact/1"
+
+
+@dataclass(frozen=True, eq=False)
+class Artifact:
+    """A compiled mask artifact for one model.
+
+    Attributes:
+        programs: the K distinct programs (the program table).
+        head_program: int32 ``[L, H]``, index into ``programs`` per (layer, query head).
+        block_size: the block size the programs were fitted at (the runtime's default).
+        recall: float32 ``[L, H]``, calibration attention-mass recall of each head's program.
+        density: float32 ``[L, H]``, calibration block density of each head's program.
+        metadata: JSON-able dict: ``schema``, ``model`` fingerprint, ``calibration``,
+            ``compile`` flags, ``tool_version``, and stage-specific extras.
+    """
+
+    programs: tuple[MaskProgram, ...]
+    head_program: np.ndarray
+    block_size: int
+    recall: np.ndarray | None = None
+    density: np.ndarray | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        progs = tuple(self.programs)
+        if not progs or not all(isinstance(p, MaskProgram) for p in progs):
+            raise ArtifactError("an artifact needs a non-empty tuple of MaskProgram")
+        object.__setattr__(self, "programs", progs)
+        hp = np.asarray(self.head_program)
+        if hp.ndim != 2 or hp.size == 0 or not np.issubdtype(hp.dtype, np.integer):
+            raise ArtifactError(f"head_program must be a non-empty int [L, H] array, got {hp.dtype} {hp.shape}")
+        if hp.min() < 0 or hp.max() >= len(progs):
+            raise ArtifactError(
+                f"head_program indices must lie in [0, {len(progs)}), got [{hp.min()}, {hp.max()}]"
+            )
+        object.__setattr__(self, "head_program", hp.astype(np.int32))
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, (int, np.integer)) \
+                or self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ArtifactError(f"block_size must be a power of two >= 16, got {self.block_size!r}")
+        object.__setattr__(self, "block_size", int(self.block_size))
+        for name in ("recall", "density"):
+            val = getattr(self, name)
+            if val is None:
+                continue
+            arr = np.asarray(val, dtype=np.float32)
+            if arr.shape != hp.shape:
+                raise ArtifactError(f"{name} must have shape {hp.shape}, got {arr.shape}")
+            if not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > 1 + 1e-6:
+                raise ArtifactError(f"{name} values must be finite and lie in [0, 1]")
+            object.__setattr__(self, name, arr)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.head_program.shape[0])
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.head_program.shape[1])
+
+    def program_for(self, layer: int, head: int) -> MaskProgram:
+        return self.programs[int(self.head_program[layer, head])]
+
+    def layer_programs(self, layer: int) -> tuple[MaskProgram, ...]:
+        """The H programs of one layer, in query-head order."""
+        return tuple(self.programs[int(k)] for k in self.head_program[layer])
+
+    def check_compatible(self, config: Any) -> None:
+        """Raise ArtifactError naming every mismatch between this artifact and a model config."""
+        fp = self.metadata.get("model", {}) if isinstance(self.metadata, dict) else {}
+        text_cfg = getattr(config, "get_text_config", lambda: config)()
+        heads = getattr(text_cfg, "num_attention_heads", None)
+        hidden = getattr(text_cfg, "hidden_size", None)
+        head_dim = getattr(text_cfg, "head_dim", None) or (hidden // heads if hidden and heads else None)
+        kv = getattr(text_cfg, "num_key_value_heads", None) or heads
+        have = {
+            "num_hidden_layers": getattr(text_cfg, "num_hidden_layers", None),
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv,
+            "head_dim": head_dim,
+        }
+        want = {
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": fp.get("num_key_value_heads"),
+            "head_dim": fp.get("head_dim"),
+        }
+        bad = [
+            f"{k}: artifact {want[k]} vs model {have[k]}"
+            for k in want
+            if want[k] is not None and have[k] is not None and int(want[k]) != int(have[k])
+        ]
+        if bad:
+            name = fp.get("name_or_path", "?")
+            raise ArtifactError(
+                f"artifact (compiled for {name}) does not match this model: " + "; ".join(bad)
+                + ". Compile an artifact from a profile of this model."
+            )
