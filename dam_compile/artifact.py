@@ -28,6 +28,8 @@ class Artifact:
         density: float32 ``[L, H]``, calibration block density of each head's program.
         metadata: JSON-able dict: ``schema``, ``model`` fingerprint, ``calibration``,
             ``compile`` flags, ``tool_version``, and stage-specific extras.
+        recall_capture: float32 ``[L, H]`` or None, recall on the exact mean map at the
+            capture length P (``recall`` is on ``block_mass`` at the profiled length N).
     """
 
     programs: tuple[MaskProgram, ...]
@@ -36,6 +38,7 @@ class Artifact:
     recall: np.ndarray | None = None
     density: np.ndarray | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    recall_capture: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         progs = tuple(self.programs)
@@ -54,7 +57,7 @@ class Artifact:
                 or self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ArtifactError(f"block_size must be a power of two >= 16, got {self.block_size!r}")
         object.__setattr__(self, "block_size", int(self.block_size))
-        for name in ("recall", "density"):
+        for name in ("recall", "density", "recall_capture"):
             val = getattr(self, name)
             if val is None:
                 continue

@@ -1,0 +1,220 @@
+"""``compile_profile``: profile store -> Artifact (fit every head, share, cluster, measure)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .artifact import SCHEMA, Artifact
+from .cluster import Head, assign, cluster_assignment, mean_density
+from .fit import (
+    FitParams,
+    HeadFit,
+    HeadStats,
+    capture_recall,
+    evaluate_program,
+    fit_head,
+    fit_head_dam_paper,
+)
+from .ir import ArtifactError, MaskProgram
+from .profile import Profile, read_profile
+
+log = logging.getLogger(__name__)
+
+METHODS = ("recall", "dam-paper")
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """Flags of ``dam compile``.
+
+    method: ``"recall"`` (cheapest program meeting ``recall``) or ``"dam-paper"``.
+    recall: target attention-mass recall in (0, 1].
+    target_length: the length whose kept-block count is minimised and reported (None: the
+        profiled length N).
+    max_density: a head whose cheapest program keeps more than this fraction is dense.
+    clusters: None (no clustering), a positive int K, or ``"auto"``.
+    share_kv_groups: heads sharing a KV head get one program.
+    tau, mu: the dam-paper threshold (on the row-normalised Box-Cox map) and coverage.
+    dynamic: allow dynamic budgets.  dynamic_overselect: rho of ``fit.estimate_recall``.
+    max_slashes, max_verticals: caps per program.  seed: clustering seed.
+    """
+
+    method: str = "recall"
+    recall: float = 0.95
+    target_length: int | None = None
+    max_density: float = 0.9
+    clusters: int | str | None = None
+    share_kv_groups: bool = False
+    tau: float = 0.1
+    mu: float = 0.5
+    dynamic: bool = True
+    dynamic_overselect: float = 2.0
+    max_slashes: int = 16
+    max_verticals: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ArtifactError(f"unknown method {self.method!r}; use one of {METHODS}")
+        if self.target_length is not None and self.target_length < 1:
+            raise ArtifactError(f"target_length must be positive, got {self.target_length}")
+        c = self.clusters
+        if c is not None and c != "auto" and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            raise ArtifactError(f"clusters must be a positive int or 'auto', got {c!r}")
+        if not (0.0 <= self.tau <= 1.0) or not (0.0 < self.mu <= 1.0):
+            raise ArtifactError(f"tau must lie in [0, 1] and mu in (0, 1], got {self.tau}, {self.mu}")
+        # the remaining ranges are checked by FitParams
+        self.fit_params(1)
+
+    def fit_params(self, profile_length: int) -> FitParams:
+        return FitParams(
+            recall=self.recall, target_length=self.target_length or profile_length,
+            max_density=self.max_density, max_slashes=self.max_slashes,
+            max_verticals=self.max_verticals, dynamic_overselect=self.dynamic_overselect,
+            use_dynamic=self.dynamic,
+        )
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    """The artifact plus what each stage cost (mean density over heads at the target length)."""
+
+    artifact: Artifact
+    density_per_head: float
+    density_kv_shared: float | None
+    density_clustered: float | None
+    num_clusters: int | None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def head_stats(prof: Profile, layer: int, head: int) -> HeadStats:
+    return HeadStats(prof.block_mass[layer, head], prof.diag_mass[layer, head],
+                     prof.col_mass[layer, head], prof.topp_blocks[layer, head], prof.block_size)
+
+
+def _tool_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("dam-attention")
+    except Exception:  # pragma: no cover - not installed
+        return "0+unknown"
+
+
+def compile_profile(
+    profile: Profile | str, config: CompileConfig, progress: Progress | None = None,
+) -> CompileResult:
+    """Fit, share and cluster programs for every head of ``profile``; measure them.
+
+    Returns the artifact (``recall [L, H]`` on block_mass at N, ``recall_capture [L, H]`` on
+    attn_mean at P, ``density [L, H]`` at the target length) and the density cost of each stage.
+    ``progress(done, total)`` is called as heads are fitted.
+    """
+    prof = read_profile(profile) if isinstance(profile, str) else profile
+    L, H, B, N = prof.num_layers, prof.num_heads, prof.block_size, prof.length
+    if B < 16 or B & (B - 1):
+        raise ArtifactError(f"profile block size {B} is not a power of two >= 16; re-profile")
+    params = config.fit_params(N)
+    heads: list[Head] = [(layer, h) for layer in range(L) for h in range(H)]
+    stats = {(layer, h): head_stats(prof, layer, h) for layer, h in heads}
+    total = len(heads) + 1
+    fits: dict[Head, HeadFit] = {}
+    for layer in range(L):
+        attn = prof.attn_mean(layer) if config.method == "dam-paper" else None
+        for h in range(H):
+            if attn is not None:
+                prog = fit_head_dam_paper(attn[h], config.tau, config.mu)
+                fits[(layer, h)] = evaluate_program(prog, stats[(layer, h)], params)
+            else:
+                fits[(layer, h)] = fit_head(stats[(layer, h)], params)
+            if progress:
+                progress(layer * H + h + 1, total)
+    base = {hd: f.program for hd, f in fits.items()}
+    d_head = mean_density(base, params, B)
+    d_kv = d_cl = None
+    n_clusters = None
+    kv = prof.num_kv_heads
+    if H % kv:
+        raise ArtifactError(f"profile has {H} heads but {kv} KV heads (not a divisor)")
+    units = [[hd] for hd in heads]
+    if config.share_kv_groups and kv < H:
+        r = H // kv
+        units = [[(layer, g * r + i) for i in range(r)] for layer in range(L) for g in range(kv)]
+        base = assign(units, stats, fits, params)
+        d_kv = mean_density(base, params, B)
+    if config.clusters is not None:
+        base, n_clusters = cluster_assignment(base, stats, params, units, config.clusters,
+                                              config.seed, B)
+        d_cl = mean_density(base, params, B)
+    art = _build_artifact(prof, config, params, base, stats, d_head, d_kv, d_cl, n_clusters)
+    if progress:
+        progress(total, total)
+    return CompileResult(art, d_head, d_kv, d_cl, n_clusters)
+
+
+def _build_artifact(prof, config, params, assignment, stats, d_head, d_kv, d_cl, n_clusters):
+    L, H, B = prof.num_layers, prof.num_heads, prof.block_size
+    table: list[MaskProgram] = []
+    index: dict[MaskProgram, int] = {}
+    hp = np.zeros((L, H), np.int32)
+    for layer in range(L):
+        for h in range(H):
+            p = assignment[(layer, h)]
+            if p not in index:
+                index[p] = len(table)
+                table.append(p)
+            hp[layer, h] = index[p]
+    recall = np.zeros((L, H), np.float32)
+    recall_p = np.zeros((L, H), np.float32)
+    dens = np.zeros((L, H), np.float32)
+    rec_t = np.zeros((L, H))
+    dcache: dict[MaskProgram, float] = {}
+    for layer in range(L):
+        attn = prof.attn_mean(layer)
+        for h in range(H):
+            p = assignment[(layer, h)]
+            ev = evaluate_program(p, stats[(layer, h)], params)
+            recall[layer, h] = ev.recall
+            rec_t[layer, h] = ev.recall_at_target
+            if p not in dcache:
+                dcache[p] = ev.density
+            dens[layer, h] = dcache[p]
+            recall_p[layer, h] = capture_recall(p, attn[h], B, stats[(layer, h)].topp,
+                                                params.dynamic_overselect)
+    cfg = asdict(config)
+    cfg["target_length"] = params.target_length
+    calib = dict(prof.attrs.get("calibration", {}) or {})
+    figures = {
+        "profile_length": prof.length,
+        "capture_length": prof.capture_length,
+        "target_length": params.target_length,
+        "samples": prof.count,
+        "num_programs": len(table),
+        "num_clusters": n_clusters,
+        "dense_heads": int(sum(p.dense for p in assignment.values())),
+        "mean_density_per_head": round(float(d_head), 6),
+        "mean_density_kv_shared": None if d_kv is None else round(float(d_kv), 6),
+        "mean_density_clustered": None if d_cl is None else round(float(d_cl), 6),
+        "mean_density": round(float(dens.mean()), 6),
+        "min_recall": round(float(recall.min()), 6),
+        "mean_recall": round(float(recall.mean()), 6),
+        "mean_recall_capture": round(float(recall_p.mean()), 6),
+        "mean_recall_at_target_estimate": round(float(rec_t.mean()), 6),
+        "min_recall_at_target_estimate": round(float(rec_t.min()), 6),
+    }
+    meta = {
+        "schema": SCHEMA,
+        "model": prof.model,
+        "calibration": calib,
+        "profile": {k: prof.attrs.get(k) for k in ("schema", "dtype", "tool_version", "block_size")},
+        "compile": cfg,
+        "figures": figures,
+        "tool_version": _tool_version(),
+    }
+    return Artifact(tuple(table), hp, B, recall, dens, meta, recall_capture=recall_p)
