@@ -1,0 +1,339 @@
+"""Speed benchmark of dam.kernels: ours vs dense causal SDPA vs FlexAttention on the same mask.
+
+Usage::
+
+    python benchmarks/bench_kernels.py            # GPU if present, else the CPU figures
+    python benchmarks/bench_kernels.py --quick    # smaller sizes (smoke run)
+    python benchmarks/bench_kernels.py --cpu      # force the CPU benchmark
+
+GPU (CUDA present): ``triton.testing.do_bench`` medians, bf16, B=1, Hq=32, Hkv=8, D=128,
+128-blocks, N in {8K..128K} x density {5, 10, 20, 50, 100} %; decode at cache 32K and 128K.
+CPU: fp32, 2 threads, H=8, D=64, 64-blocks, N in {4K, 8K, 16K} at 10 %, plus a density sweep at
+8K, against causal SDPA and ``torch.compile``-d FlexAttention with a ``BlockMask`` built directly
+from the layout (``BlockMask.from_kv_blocks``: the diagonal blocks as partial blocks with a
+causal ``mask_mod``, the others as full blocks). Timings are medians over interleaved rounds.
+The layouts are realistic: a sink block, a local window (the diagonal block and the one before)
+and random far blocks per query block up to the target fraction of the causal blocks.
+
+Writes ``benchmarks/results/kernels_<cpu|gpu>.json`` and ``.png`` (with the device name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dam.kernels import BlockLayout, block_sparse_attention, block_sparse_decode
+
+log = logging.getLogger("bench_kernels")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# --- layouts -------------------------------------------------------------------------------
+def realistic_mask(heads: int, nqb: int, density: float, gen: torch.Generator,
+                   window: int = 2) -> torch.Tensor:
+    """bool [1, H, nqb, nqb] (Nq == Nk, square blocks): sink + window + random far blocks,
+    ``max(sink+window, round(density * (a + 1)))`` kept blocks in query block ``a``."""
+    a = torch.arange(nqb).view(1, nqb, 1)
+    b = torch.arange(nqb).view(1, 1, nqb)
+    causal = b <= a
+    forced = causal & ((b == 0) | (b > a - window))
+    score = torch.rand(heads, nqb, nqb, generator=gen)
+    score = torch.where(forced, torch.full_like(score, -1.0), score)
+    score = torch.where(causal, score, torch.full_like(score, 2.0))
+    target = torch.clamp(torch.round(density * (torch.arange(nqb) + 1)), min=1).view(1, nqb, 1)
+    rank = score.argsort(-1).argsort(-1)
+    keep = ((rank < target) | forced) & causal
+    return keep.unsqueeze(0)
+
+
+def element_density(mask: torch.Tensor, block: int) -> float:
+    """Kept (query, key) pairs over causal pairs, for a square-block causal layout."""
+    nqb = mask.shape[-1]
+    diag = torch.eye(nqb, dtype=torch.bool)
+    off = (mask & ~diag).sum().item() * block * block
+    on = (mask & diag).sum().item() * block * (block + 1) / 2
+    n = nqb * block
+    return (off + on) / (mask.shape[1] * n * (n + 1) / 2)
+
+
+def flex_block_mask(mask: torch.Tensor, block: int, device: torch.device):
+    """BlockMask straight from the layout: diagonal blocks partial (causal mask_mod), rest full."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nqb = mask.shape[-1]
+    diag = torch.eye(nqb, dtype=torch.bool).view(1, 1, nqb, nqb)
+    part, full = mask & diag, mask & ~diag
+
+    def to_idx(m):
+        cnt = m.sum(-1, dtype=torch.int32)
+        ar = torch.arange(nqb, dtype=torch.int32)
+        idx = torch.where(m, ar, ar + nqb).sort(-1).values
+        idx = torch.where(idx >= nqb, torch.zeros_like(idx), idx).to(torch.int32)
+        return cnt.to(device), idx.contiguous().to(device)
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    pc, pi = to_idx(part)
+    fc, fi = to_idx(full)
+    n = nqb * block
+    return BlockMask.from_kv_blocks(pc, pi, fc, fi, BLOCK_SIZE=block, mask_mod=causal,
+                                    seq_lengths=(n, n))
+
+
+# --- timing --------------------------------------------------------------------------------
+def _time_cpu(fns: dict, rounds: int) -> tuple[dict, dict]:
+    """Median wall seconds and median process-CPU seconds per function over interleaved rounds.
+
+    On a shared machine the CPU time (all of this process's threads) is the steadier figure of
+    the work done; the wall time is what a user waits."""
+    wall = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            c, t = time.process_time(), time.perf_counter()
+            f()
+            wall[k].append(time.perf_counter() - t)
+            cpu[k].append(time.process_time() - c)
+    med = statistics.median
+    return {k: med(v) for k, v in wall.items()}, {k: med(v) for k, v in cpu.items()}
+
+
+def _first_call(f) -> float:
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+def cpu_benchmark(quick: bool, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    h, d, block = 8, 64, 64
+    gen = torch.Generator().manual_seed(0)
+    flex = torch.compile(flex_attention, dynamic=False)
+    sizes = [1024, 2048] if quick else [4096, 8192, 16384]
+    sweep_n = 2048 if quick else 8192
+    cases = [(n, 0.10) for n in sizes] + [
+        (sweep_n, dd) for dd in (0.05, 0.20, 0.50, 1.00)
+    ]
+    rounds = 3 if quick else 5
+    rows, sdpa_cache, flex_compiled_for = [], {}, set()
+    for n, dens in cases:
+        q = torch.randn(1, h, n, d, generator=gen)
+        k = torch.randn(1, h, n, d, generator=gen)
+        v = torch.randn(1, h, n, d, generator=gen)
+        mask = realistic_mask(h, n // block, dens, gen)
+        layout = BlockLayout.from_block_mask(mask, block, block)
+        bmask = flex_block_mask(mask, block, q.device)
+        fns = {
+            "ours": partial(block_sparse_attention, q, k, v, layout, backend="cpu"),
+            "flex": partial(flex, q, k, v, block_mask=bmask),
+        }
+        first = {"ours": _first_call(fns["ours"])}
+        if n not in flex_compiled_for:
+            first["flex"] = _first_call(fns["flex"])  # includes the compile for this shape
+            flex_compiled_for.add(n)
+        else:
+            first["flex"] = None
+            fns["flex"]()
+        if n not in sdpa_cache:
+            fns["sdpa"] = partial(F.scaled_dot_product_attention, q, k, v, is_causal=True)
+            fns["sdpa"]()
+        med, cpu = _time_cpu(fns, rounds)
+        if "sdpa" in med:
+            sdpa_cache[n] = (med["sdpa"], cpu["sdpa"])
+        med["sdpa"], cpu["sdpa"] = sdpa_cache[n]
+        err = (fns["ours"]() - fns["flex"]()).abs().max().item()
+        ed = element_density(mask, block)
+        row = {
+            "N": n, "density_target": dens, "density": round(ed, 4),
+            "sdpa_s": med["sdpa"], "ours_s": med["ours"], "flex_s": med["flex"],
+            "ours_first_call_s": first["ours"], "flex_first_call_s": first["flex"],
+            "ours_over_sdpa": med["ours"] / med["sdpa"],
+            "ours_over_sdpa_per_density": med["ours"] / med["sdpa"] / ed,
+            "flex_over_sdpa_per_density": med["flex"] / med["sdpa"] / ed,
+            "speedup_vs_flex": med["flex"] / med["ours"],
+            "cpu_time_s": cpu,
+            "cpu_time_ours_over_sdpa_per_density": cpu["ours"] / cpu["sdpa"] / ed,
+            "cpu_time_flex_over_sdpa_per_density": cpu["flex"] / cpu["sdpa"] / ed,
+            "max_abs_diff_vs_flex": err,
+        }
+        rows.append(row)
+        log.info(
+            "CPU N=%5d density=%.3f  sdpa %.4fs  ours %.4fs (%.2fx dens)  flex %.4fs (%.2fx dens)"
+            "  ours/flex %.2fx  first call: ours %.2fs flex %s  |diff| %.1e"
+            "  [CPU time: ours %.2fx dens, flex %.2fx dens]",
+            n, ed, med["sdpa"], med["ours"], row["ours_over_sdpa_per_density"], med["flex"],
+            row["flex_over_sdpa_per_density"], row["speedup_vs_flex"], first["ours"],
+            "n/a" if first["flex"] is None else f"{first['flex']:.1f}s", err,
+            row["cpu_time_ours_over_sdpa_per_density"], row["cpu_time_flex_over_sdpa_per_density"],
+        )
+    decode = []
+    for s in ([4096] if quick else [16384, 32768]):
+        qd = torch.randn(1, h, 1, d, generator=gen)
+        kc = torch.randn(1, h, s, d, generator=gen)
+        vc = torch.randn(1, h, s, d, generator=gen)
+        nkb = s // block
+        m = realistic_mask(h, nkb, 0.10, gen)[:, :, -1:, :]  # the last query block's row
+        lay = BlockLayout.from_block_mask(m, block, block)
+        lens = torch.tensor([s])
+        fns = {
+            "ours": partial(block_sparse_decode, qd, kc, vc, lay, cache_seqlens=lens, backend="cpu"),
+            "dense": partial(F.scaled_dot_product_attention, qd, kc, vc),
+        }
+        for f in fns.values():
+            f()
+        med, _ = _time_cpu(fns, 20)
+        decode.append({"cache": s, "density": 0.10, "dense_s": med["dense"], "ours_s": med["ours"],
+                       "speedup": med["dense"] / med["ours"]})
+        log.info("CPU decode cache=%d: dense %.5fs ours %.5fs (%.2fx)", s, med["dense"],
+                 med["ours"], med["dense"] / med["ours"])
+    return {"prefill": rows, "decode": decode, "config": {
+        "dtype": "float32", "B": 1, "H": h, "D": d, "block": block, "threads": threads,
+        "rounds": rounds, "statistic": "median"}}
+
+
+def gpu_benchmark(quick: bool) -> dict:
+    import triton.testing
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import flex_attention
+
+    dev = torch.device("cuda")
+    hq, hkv, d, block, dt = 32, 8, 128, 128, torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    flex = torch.compile(flex_attention, dynamic=False)
+    sizes = [8192, 16384] if quick else [8192, 16384, 32768, 65536, 131072]
+    rows = []
+
+    def bench(f):
+        return triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median") / 1e3
+
+    for n in sizes:
+        q = torch.randn(1, hq, n, d, device=dev, dtype=dt)
+        k = torch.randn(1, hkv, n, d, device=dev, dtype=dt)
+        v = torch.randn(1, hkv, n, d, device=dev, dtype=dt)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            sdpa = bench(partial(F.scaled_dot_product_attention, q, k, v, is_causal=True,
+                                 enable_gqa=True))
+        for dens in (0.05, 0.10, 0.20, 0.50, 1.00):
+            mask = realistic_mask(hq, n // block, dens, gen)
+            layout = BlockLayout.from_block_mask(mask, block, block).to(dev)
+            bmask = flex_block_mask(mask, block, dev)
+            ours = bench(partial(block_sparse_attention, q, k, v, layout))
+            fl = bench(partial(flex, q, k, v, block_mask=bmask, enable_gqa=True))
+            ed = element_density(mask, block)
+            rows.append({"N": n, "density_target": dens, "density": round(ed, 4), "sdpa_s": sdpa,
+                         "ours_s": ours, "flex_s": fl, "speedup_vs_sdpa": sdpa / ours,
+                         "speedup_vs_flex": fl / ours})
+            log.info("GPU N=%6d density=%.3f sdpa %.3fms ours %.3fms flex %.3fms (x%.2f sdpa, "
+                     "x%.2f flex)", n, ed, sdpa * 1e3, ours * 1e3, fl * 1e3, sdpa / ours, fl / ours)
+    decode = []
+    for s in ([32768] if quick else [32768, 131072]):
+        qd = torch.randn(1, hq, 1, d, device=dev, dtype=dt)
+        kc = torch.randn(1, hkv, s, d, device=dev, dtype=dt)
+        vc = torch.randn(1, hkv, s, d, device=dev, dtype=dt)
+        m = realistic_mask(hq, s // block, 0.10, gen)[:, :, -1:, :]
+        lay = BlockLayout.from_block_mask(m, block, block).to(dev)
+        lens = torch.tensor([s], device=dev, dtype=torch.int32)
+        ours = bench(partial(block_sparse_decode, qd, kc, vc, lay, cache_seqlens=lens))
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            dense = bench(partial(F.scaled_dot_product_attention, qd, kc, vc, enable_gqa=True))
+        decode.append({"cache": s, "density": 0.10, "dense_s": dense, "ours_s": ours,
+                       "speedup": dense / ours})
+        log.info("GPU decode cache=%d: dense %.4fms ours %.4fms (x%.2f)", s, dense * 1e3,
+                 ours * 1e3, dense / ours)
+    return {"prefill": rows, "decode": decode, "config": {
+        "dtype": "bfloat16", "B": 1, "Hq": hq, "Hkv": hkv, "D": d, "block": block,
+        "statistic": "median (triton.testing.do_bench)"}}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["prefill"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    at10 = sorted((r for r in rows if r["density_target"] == 0.10), key=lambda r: r["N"])
+    ns = [r["N"] for r in at10]
+    for key, label in (("sdpa_s", "dense causal SDPA"), ("flex_s", "FlexAttention (compiled)"),
+                       ("ours_s", "dam block_sparse_attention")):
+        ax1.plot(ns, [r[key] * 1e3 for r in at10], marker="o", label=label)
+    ax1.set(xscale="log", yscale="log", xlabel="N (tokens)", ylabel="ms",
+            title="prefill at 10 % of causal blocks")
+    ax1.set_xticks(ns, [f"{n // 1024}K" for n in ns])
+    ax1.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax1.legend()
+    n_sweep = max({r["N"] for r in rows}, key=lambda n: sum(r["N"] == n for r in rows))
+    sw = sorted((r for r in rows if r["N"] == n_sweep), key=lambda r: r["density"])
+    ds = [r["density"] for r in sw]
+    ax2.plot(ds, [r["ours_s"] / r["sdpa_s"] for r in sw], marker="o", label="ours / SDPA")
+    ax2.plot(ds, [r["flex_s"] / r["sdpa_s"] for r in sw], marker="s", label="Flex / SDPA")
+    ax2.plot(ds, ds, "k--", lw=1, label="1.0 x density (floor)")
+    ax2.plot(ds, [1.5 * x for x in ds], "k:", lw=1, label="1.5 x density (goal)")
+    ax2.set(xlabel="kept fraction of causal attention", ylabel="time / dense causal SDPA",
+            title=f"density sweep at N={n_sweep // 1024}K")
+    ax2.legend()
+    fig.suptitle(f"{result['figure_kind']} - {result['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    ap.add_argument("--cpu", action="store_true", help="run the CPU benchmark even with a GPU")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (CPU benchmark)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    ap.add_argument("--replot", type=Path, default=None, help="only redraw the plot of a JSON")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.replot is not None:
+        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+        return
+    on_gpu = torch.cuda.is_available() and not args.cpu
+    if on_gpu:
+        device = torch.cuda.get_device_name(0)
+        res = gpu_benchmark(args.quick)
+        kind, stem = "GPU figure", "kernels_gpu"
+    else:
+        device = f"CPU: {platform.processor() or platform.machine()} ({_cpu_name()})"
+        res = cpu_benchmark(args.quick, args.threads)
+        kind = f"CPU figure (no GPU used, {args.threads} thread{'s' if args.threads > 1 else ''})"
+        stem = "kernels_cpu" if args.threads == 2 else f"kernels_cpu_{args.threads}thread"
+    if args.quick:
+        stem += "_quick"
+    res.update(device=device, figure_kind=kind, torch=torch.__version__,
+               date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2))
+    plot(res, args.out / f"{stem}.png")
+    log.info("%s on %s -> %s.{json,png}", kind, device, args.out / stem)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,406 @@
+"""The CPU path: block-sparse attention from gathered KV blocks and PyTorch's CPU flash kernel.
+
+Prefill plan (host-side, vectorised over all (batch, head, query block) rows):
+
+1. Each kept KV block of a row is *full* (every query row of the block sees every key: below
+   the causal boundary and inside ``Nk``), *partial* (crosses the causal boundary or the ragged
+   KV tail) or *hidden* (entirely above the boundary: dropped). Sorted indices put the full
+   blocks first, then the partial ones, then the hidden ones.
+2. Rows are grouped by a signature ``(n_full, n_partial, per partial block: offset of the
+   query block to the key block, valid keys)``. All rows of a group have *the same* element
+   mask ``[block_m, L]`` (all-visible for full blocks), so one small mask broadcast over the
+   group serves them all, and groups without partial blocks need no mask at all.
+3. Per group, in chunks of rows bounded in bytes (so the gathered tiles stay in cache), the
+   query blocks and the kept K/V blocks are gathered with ``index_select`` into reused buffers
+   (``[R, 1, L, D]``) and PyTorch's fused CPU flash kernel
+   (``aten._scaled_dot_product_flash_attention_for_cpu``, which also returns the LSE) runs
+   them as one batch; results are written back with ``index_copy_``.
+
+GQA: when every query head of a group has the same layout rows as the group's first head (the
+usual case when the planner works per KV head), the ``g`` query heads are stacked into one
+``[g * block_m, D]`` query tile per row, so each gathered K/V tile serves the whole group.
+Query head ``h`` reads KV head ``h // g`` otherwise. K/V are never repeated.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from .layout import BlockLayout, LayoutError
+
+_MIN_PARALLEL_BYTES = 32 << 20  # below this much gathered K/V, no worker threads
+_CHUNK_BYTES = 6 << 20  # gathered K+V bytes per chunk (measured: 6 MB beats 1-2 MB and 16-24 MB)
+
+
+def _flash():
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _pad_rows(x: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """x [B, H, N, D] -> contiguous [B, H, n, D] in ``dtype`` (zero-padded when n > N)."""
+    if x.shape[2] == n:
+        return x.to(dtype).contiguous()
+    out = x.new_zeros((x.shape[0], x.shape[1], n, x.shape[3]), dtype=dtype)
+    out[:, :, : x.shape[2]] = x
+    return out
+
+
+def _expand_layout(layout: BlockLayout, b: int, h: int) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = layout.kv_indices.to("cpu", torch.int64)
+    cnt = layout.kv_counts.to("cpu", torch.int64)
+    idx = idx.expand(b, h, *idx.shape[2:])
+    cnt = cnt.expand(b, h, cnt.shape[2])
+    return idx, cnt
+
+
+def _gqa_shared(layout: BlockLayout, hq: int, hkv: int) -> bool:
+    """True when all query heads of each KV group share their layout rows (or there is one head)."""
+    g = hq // hkv
+    if g == 1:
+        return False
+    if layout.heads == 1:
+        return True
+    idx = layout.kv_indices.view(layout.batch, hkv, g, *layout.kv_indices.shape[2:])
+    cnt = layout.kv_counts.view(layout.batch, hkv, g, layout.num_q_blocks)
+    return bool((idx == idx[:, :, :1]).all()) and bool((cnt == cnt[:, :, :1]).all())
+
+
+def attention_cpu(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    causal: bool,
+    scale: float,
+    out: torch.Tensor,
+    lse: torch.Tensor | None,
+) -> None:
+    """Block-sparse prefill on CPU tensors, written into ``out`` and ``lse`` (None: not needed).
+
+    Args:
+        q: ``[B, Hq, Nq, D]``; k, v: ``[B, Hkv, Nk, D]`` (checked by the launcher).
+        out: ``[B, Hq, Nq, D]`` in q's dtype; lse: float32 ``[B, Hq, Nq]`` (fully overwritten).
+    """
+    bsz, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    bm, bn = layout.block_m, layout.block_n
+    nqb, nkb = -(-nq // bm), -(-nk // bn)
+    cdt = _compute_dtype(q.dtype)
+    layout.validate(nk)
+
+    shared = _gqa_shared(layout, hq, hkv)
+    g = hq // hkv
+    # "virtual heads": with a shared GQA layout, a row is (b, kv head, query block) and its
+    # query tile stacks the g heads' query blocks ([g * bm, D]); otherwise a row is (b, h, a).
+    vh = hkv if shared else hq
+    gq = g if shared else 1
+    lay_heads = layout.heads
+    if shared and lay_heads != 1:
+        layout = BlockLayout(
+            layout.kv_indices[:, ::g].contiguous(), layout.kv_counts[:, ::g].contiguous(), bm, bn
+        )
+    idx, cnt = _expand_layout(layout, bsz, vh)  # [B, vh, nqb, mb], [B, vh, nqb]
+    mb = idx.shape[-1]
+
+    off = nk - nq
+    slot = torch.arange(mb)
+    active = slot < cnt.unsqueeze(-1)
+    kstart = idx * bn
+    kvalid = (nk - kstart).clamp(max=bn)  # keys present in the block
+    a = torch.arange(nqb)
+    qs = (off + a * bm).view(1, 1, nqb, 1)  # absolute position of the block's first query row
+    qe = (off + torch.clamp((a + 1) * bm, max=nq) - 1).view(1, 1, nqb, 1)
+    if causal:
+        hidden = kstart > qe
+        full = (kstart + bn - 1 <= qs) & (kvalid == bn)
+    else:
+        hidden = torch.zeros_like(active)
+        full = kvalid == bn
+    keep = active & ~hidden
+    n_keep = keep.sum(-1)  # kept blocks are a prefix (sorted indices, hidden ones are last)
+    n_full = (keep & full).sum(-1)
+    n_part = n_keep - n_full
+    pmax = int(n_part.max()) if n_part.numel() else 0
+
+    rows_total = bsz * vh * nqb
+    # signature: n_full, n_part, then per partial slot (delta, kvalid); -1 padding
+    sig_cols = [n_full.reshape(-1, 1), n_part.reshape(-1, 1)]
+    if pmax:
+        # partial slots start at n_full
+        pos = n_full.unsqueeze(-1) + torch.arange(pmax)
+        posc = pos.clamp(max=mb - 1)
+        okp = torch.arange(pmax) < n_part.unsqueeze(-1)
+        delta = qs - torch.gather(kstart, -1, posc)  # [B, vh, nqb, pmax]
+        kv_p = torch.gather(kvalid, -1, posc)
+        delta = torch.where(okp, delta, torch.full_like(delta, -(1 << 40)))
+        kv_p = torch.where(okp, kv_p, torch.full_like(kv_p, -1))
+        sig_cols += [delta.reshape(rows_total, pmax), kv_p.reshape(rows_total, pmax)]
+    sig = torch.cat(sig_cols, dim=1)
+    nonempty = (n_keep.reshape(-1) > 0).nonzero().squeeze(1)
+
+    rows_q = bm * gq
+    # write straight into out/lse when their memory is the row layout we compute in
+    direct = (
+        gq == 1 and nq == nqb * bm and out.dtype == cdt and out.is_contiguous()
+        and (lse is None or (lse.dtype == cdt and lse.is_contiguous()))
+    )
+    if direct:
+        out_rows = out.view(rows_total, rows_q * d)
+        lse_rows = None if lse is None else lse.view(rows_total, rows_q)
+    else:
+        res = torch.empty((bsz, vh, nqb, gq, bm, d), dtype=cdt)
+        res_lse = torch.empty((bsz, vh, nqb, gq, bm), dtype=cdt)
+        out_rows, lse_rows = res.view(rows_total, rows_q * d), res_lse.view(rows_total, rows_q)
+    nonempty_mask = n_keep.reshape(-1) > 0
+    empty_rows = (~nonempty_mask).nonzero().squeeze(1)
+    if empty_rows.numel():
+        out_rows.index_fill_(0, empty_rows, 0.0)
+        if lse_rows is not None:
+            lse_rows.index_fill_(0, empty_rows, float("-inf"))
+    nonempty = nonempty_mask.nonzero().squeeze(1)
+    if nonempty.numel():
+        # query tiles: [B, vh, nqb, gq, bm, D] -> flat rows of gq*bm*D
+        qp = _pad_rows(q, nqb * bm, cdt).view(bsz, vh, gq, nqb, bm, d).transpose(2, 3)
+        qrows = qp.reshape(rows_total, rows_q * d)
+        kp = _pad_rows(k, nkb * bn, cdt).view(bsz * hkv * nkb, bn * d)
+        vp = _pad_rows(v, nkb * bn, cdt).view(bsz * hkv * nkb, bn * d)
+        # KV block base per row: (b * hkv + h_kv) * nkb
+        hk = torch.arange(vh) // (1 if shared else g)
+        base = ((torch.arange(bsz).view(-1, 1) * hkv + hk.view(1, -1)) * nkb).view(bsz, vh, 1)
+        gidx = (idx.clamp_min(0) + base.unsqueeze(-1)).reshape(rows_total, mb)
+        _run_groups(
+            sig[nonempty], nonempty, gidx, qrows, kp, vp, out_rows, lse_rows,
+            bm=bm, bn=bn, gq=gq, d=d, scale=scale, causal=causal, pmax=pmax, cdt=cdt,
+        )
+    if not direct:
+        out.copy_(res.transpose(2, 3).reshape(bsz, hq, nqb * bm, d)[:, :, :nq])
+        if lse is not None:
+            lse.copy_(res_lse.transpose(2, 3).reshape(bsz, hq, nqb * bm)[:, :, :nq])
+
+
+def _group_mask(row_sig: list[int], bm: int, bn: int, gq: int, causal: bool, pmax: int,
+                cdt: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Element mask for one signature: (additive mask [gq*bm, L] or None, empty query rows or None)."""
+    nf, np_ = row_sig[0], row_sig[1]
+    if np_ == 0:
+        return None, None
+    deltas = row_sig[2 : 2 + pmax][:np_]
+    kvs = row_sig[2 + pmax : 2 + 2 * pmax][:np_]
+    r = torch.arange(bm).view(bm, 1)
+    c = torch.arange(bn).view(1, bn)
+    vis = [torch.ones(bm, nf * bn, dtype=torch.bool)]
+    for dl, kv in zip(deltas, kvs, strict=True):
+        m = c < kv
+        if causal:
+            m = m & (c - r <= dl)
+        vis.append(m.expand(bm, bn))
+    vis_t = torch.cat(vis, dim=1)  # [bm, L]
+    empty = ~vis_t.any(dim=1)
+    add = torch.zeros(vis_t.shape, dtype=cdt).masked_fill_(~vis_t, float("-inf"))
+    if empty.any():
+        add = add.masked_fill(empty.view(bm, 1), 0.0)  # avoid all -inf rows; zeroed afterwards
+        empty = empty.repeat(gq)
+    else:
+        empty = None
+    return add.repeat(gq, 1), empty
+
+
+def _run_groups(sig, rows, gidx, qrows, kp, vp, out_rows, lse_rows, *, bm, bn, gq, d, scale,
+                causal, pmax, cdt) -> None:
+    """Run every signature group: per chunk of rows, gather Q/K/V into reused buffers, one fused
+    flash call, scatter the rows' results into ``out_rows``/``lse_rows`` (may be None)."""
+    uniq, inv = torch.unique(sig, dim=0, return_inverse=True)
+    order = torch.argsort(inv, stable=True)
+    rows_sorted = rows[order]
+    counts = torch.bincount(inv, minlength=uniq.shape[0]).tolist()
+    gidx_sorted = gidx.index_select(0, rows_sorted)
+    itemsize = torch.finfo(cdt).bits // 8
+    max_nblk = int((uniq[:, 0] + uniq[:, 1]).max())
+    buf_blocks = max(max_nblk, _CHUNK_BYTES // (2 * d * bn * itemsize))
+    tasks = []  # (first sorted row, rows, blocks per row, group mask, empty query rows)
+    start = 0
+    for gi, n in enumerate(counts):
+        row_sig = uniq[gi].tolist()
+        nblk = row_sig[0] + row_sig[1]
+        mask, empty = _group_mask(row_sig, bm, bn, gq, causal, pmax, cdt)
+        chunk = max(1, min(n, buf_blocks // nblk))
+        for c0 in range(start, start + n, chunk):
+            tasks.append((c0, min(chunk, start + n - c0), nblk, mask, empty))
+        start += n
+    tasks.sort(key=lambda t: -t[1] * t[2])  # biggest first: balanced workers
+    ctx = dict(rows_sorted=rows_sorted, gidx_sorted=gidx_sorted, qrows=qrows, kp=kp, vp=vp,
+               out_rows=out_rows, lse_rows=lse_rows, bn=bn, rows_q=gq * bm, d=d, scale=scale,
+               buf_blocks=buf_blocks, max_rows=min(rows.numel(), buf_blocks))
+    work = sum(t[1] * t[2] for t in tasks) * 2 * bn * d * itemsize
+    _run_tasks(tasks, ctx, _prefill_task, work)
+
+
+def _run_tasks(tasks: list, ctx: dict, fn, work_bytes: int) -> None:
+    """Run ``fn(task, ctx, buffers)`` over the tasks.
+
+    With ``n = torch.get_num_threads() > 1`` the tasks are shared by ``n`` Python worker threads
+    (ATen releases the GIL) that each run single-threaded ATen ops, instead of one thread making
+    many short OpenMP-parallel calls: short parallel regions pay a barrier each, and on a busy
+    machine a region can wait a whole scheduler slice for its second thread (measured: 3-10x
+    slower under load). Each worker sets its own OpenMP thread count to 1; the caller's setting
+    is restored afterwards (``torch.set_num_threads`` also sets MKL's global count). Small
+    problems (``work_bytes`` of gathered K/V below ``_MIN_PARALLEL_BYTES``) run in the caller's
+    thread: starting workers costs more than they save there.
+    """
+    nthreads = torch.get_num_threads()
+    workers = min(nthreads, len(tasks)) if work_bytes >= _MIN_PARALLEL_BYTES else 1
+    if workers <= 1:
+        bufs: dict = {}
+        for t in tasks:
+            fn(t, ctx, bufs)
+        return
+    lock = threading.Lock()
+    queue = iter(tasks)
+
+    def work() -> None:
+        torch.set_num_threads(1)
+        bufs: dict = {}
+        while True:
+            with lock:
+                t = next(queue, None)
+            if t is None:
+                return
+            fn(t, ctx, bufs)
+
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dam-cpu") as ex:
+            futures = [ex.submit(work) for _ in range(workers)]
+            for f in futures:
+                f.result()
+    finally:
+        torch.set_num_threads(nthreads)
+
+
+def _prefill_task(task, ctx, bufs) -> None:
+    c0, R, nblk, mask, empty = task
+    kp, vp, qrows, d, bn, rows_q = ctx["kp"], ctx["vp"], ctx["qrows"], ctx["d"], ctx["bn"], ctx["rows_q"]
+    if not bufs:  # per-worker reused buffers (fresh big allocations page-fault every time)
+        bufs["k"] = kp.new_empty((ctx["buf_blocks"], bn * d))
+        bufs["v"] = vp.new_empty((ctx["buf_blocks"], bn * d))
+        bufs["q"] = qrows.new_empty((ctx["max_rows"], qrows.shape[1]))
+    L = nblk * bn
+    rr = ctx["rows_sorted"][c0 : c0 + R]
+    bidx = ctx["gidx_sorted"][c0 : c0 + R, :nblk].reshape(-1)
+    kg = torch.index_select(kp, 0, bidx, out=bufs["k"][: R * nblk])
+    vg = torch.index_select(vp, 0, bidx, out=bufs["v"][: R * nblk])
+    qg = torch.index_select(qrows, 0, rr, out=bufs["q"][:R])
+    am = None if mask is None else mask.view(1, 1, rows_q, L).expand(R, 1, rows_q, L)
+    o, lz = _flash()(qg.view(R, 1, rows_q, d), kg.view(R, 1, L, d), vg.view(R, 1, L, d),
+                     attn_mask=am, scale=ctx["scale"])
+    o = o.view(R, rows_q, d)
+    lz = lz.view(R, rows_q)
+    if empty is not None:
+        o = o.masked_fill(empty.view(1, -1, 1), 0.0)
+        lz = lz.masked_fill(empty.view(1, -1), float("-inf"))
+    ctx["out_rows"].index_copy_(0, rr, o.reshape(R, rows_q * d))  # disjoint rows per task
+    if ctx["lse_rows"] is not None:
+        ctx["lse_rows"].index_copy_(0, rr, lz.to(ctx["lse_rows"].dtype))
+
+
+def decode_cpu(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    cache_seqlens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> None:
+    """Block-sparse decode on CPU tensors, written into ``out`` and ``lse``.
+
+    Rows (sequence, head) are padded to the chunk's largest kept-block count and run through
+    the fused CPU flash kernel with an additive key mask ``[R, 1, 1, L]`` (padding slots and
+    keys at or past ``cache_seqlens[b]``). With a GQA-shared layout the ``g`` query heads of a
+    KV head form one ``[g, D]`` query tile, so each gathered K/V block serves the group.
+
+    Args:
+        q: ``[B, Hq, 1, D]``; k_cache, v_cache: ``[B, Hkv, S_max, D]``; cache_seqlens: int ``[B]``.
+        out: ``[B, Hq, 1, D]`` in q's dtype; lse: float32 ``[B, Hq, 1]`` (fully overwritten).
+    """
+    bsz, hq, _, d = q.shape
+    hkv, smax = k_cache.shape[1], k_cache.shape[2]
+    g = hq // hkv
+    bn = layout.block_n
+    nkb = -(-smax // bn)
+    cdt = _compute_dtype(q.dtype)
+    layout.validate(smax)
+    lens = cache_seqlens.to("cpu", torch.int64)
+    if not torch.all((lens >= 0) & (lens <= smax)):
+        raise LayoutError(f"cache_seqlens must lie in [0, S_max={smax}], got {lens.tolist()}")
+    shared = _gqa_shared(layout, hq, hkv)
+    vh, gq = (hkv, g) if shared else (hq, 1)
+    if shared and layout.heads != 1:
+        layout = BlockLayout(layout.kv_indices[:, ::g].contiguous(),
+                             layout.kv_counts[:, ::g].contiguous(), layout.block_m, bn)
+    idx, cnt = _expand_layout(layout, bsz, vh)
+    idx, cnt = idx[:, :, 0], cnt[:, :, 0]  # [B, vh, mb], [B, vh]
+    mb = idx.shape[-1]
+    kstart = idx * bn
+    keep = (torch.arange(mb) < cnt.unsqueeze(-1)) & (kstart < lens.view(bsz, 1, 1))
+    rows_total = bsz * vh
+    n_keep = keep.sum(-1).reshape(rows_total)  # kept blocks are a prefix of the sorted slots
+    res = torch.zeros((rows_total, gq, d), dtype=cdt)
+    res_lse = torch.full((rows_total, gq), float("-inf"), dtype=cdt)
+    rows = (n_keep > 0).nonzero().squeeze(1)
+    if rows.numel():
+        kp = _pad_rows(k_cache, nkb * bn, cdt).view(bsz * hkv * nkb, bn * d)
+        vp = _pad_rows(v_cache, nkb * bn, cdt).view(bsz * hkv * nkb, bn * d)
+        qr = q.to(cdt).reshape(rows_total, gq, d)
+        hk = torch.arange(vh) // (1 if shared else g)
+        base = (torch.arange(bsz).view(-1, 1) * hkv + hk.view(1, -1)) * nkb
+        gidx = (idx.clamp_min(0) + base.unsqueeze(-1)).reshape(rows_total, mb)
+        kpos = kstart.clamp_min(0).reshape(rows_total, mb)
+        rlen = lens.view(bsz, 1).expand(bsz, vh).reshape(rows_total)
+        # rows by kept count, largest first (chunk sizing), so chunks pad little; >= 1 per thread
+        rows = rows[torch.argsort(n_keep[rows], descending=True, stable=True)]
+        itemsize = torch.finfo(cdt).bits // 8
+        nk_sorted = n_keep[rows].tolist()
+        per_thread = -(-rows.numel() // max(1, torch.get_num_threads()))
+        tasks, c0 = [], 0
+        while c0 < rows.numel():
+            nmax = nk_sorted[c0]
+            chunk = max(1, min(per_thread, _CHUNK_BYTES // (2 * nmax * bn * d * itemsize)))
+            n = min(chunk, rows.numel() - c0)
+            tasks.append((c0, n, nmax))
+            c0 += n
+        ctx = dict(rows=rows, n_keep=n_keep, gidx=gidx, kpos=kpos, rlen=rlen, kp=kp, vp=vp, qr=qr,
+                   res=res, res_lse=res_lse, bn=bn, d=d, gq=gq, cdt=cdt, scale=scale)
+        work = sum(t[1] * t[2] for t in tasks) * 2 * bn * d * itemsize
+        _run_tasks(tasks, ctx, _decode_task, work)
+    # row r = (b, vh); its gq query heads are consecutive heads vh * gq + i
+    out.copy_(res.view(bsz, hq, 1, d))
+    lse.copy_(res_lse.view(bsz, hq, 1))
+
+
+def _decode_task(task, ctx, bufs) -> None:
+    c0, R, nmax = task
+    bn, d, gq = ctx["bn"], ctx["d"], ctx["gq"]
+    L = nmax * bn
+    rr = ctx["rows"][c0 : c0 + R]
+    bidx = ctx["gidx"].index_select(0, rr)[:, :nmax].reshape(-1)
+    kg = ctx["kp"].index_select(0, bidx).view(R, 1, L, d)
+    vg = ctx["vp"].index_select(0, bidx).view(R, 1, L, d)
+    keys = (ctx["kpos"].index_select(0, rr)[:, :nmax].unsqueeze(-1) + torch.arange(bn)).view(R, L)
+    ok = keys < ctx["rlen"].index_select(0, rr).unsqueeze(1)
+    slot_ok = torch.arange(nmax) < ctx["n_keep"].index_select(0, rr).unsqueeze(1)
+    ok &= slot_ok.repeat_interleave(bn, 1)
+    am = torch.zeros((R, 1, 1, L), dtype=ctx["cdt"]).masked_fill_(~ok.view(R, 1, 1, L), float("-inf"))
+    qg = ctx["qr"].index_select(0, rr).view(R, 1, gq, d)
+    o, lz = _flash()(qg, kg, vg, attn_mask=am, scale=ctx["scale"])
+    ctx["res"].index_copy_(0, rr, o.view(R, gq, d))
+    ctx["res_lse"].index_copy_(0, rr, lz.view(R, gq))

@@ -1,0 +1,398 @@
+"""transformers integration: ``apply`` / ``DamHandle`` / ``load``.
+
+``apply`` registers a ``"dam"`` attention function with transformers' ``AttentionInterface`` and a
+``"dam"`` mask function with ``AttentionMaskInterface`` (registration is global and harmless: a
+model uses them only when its config says ``"dam"``), then switches *this* model's configs to
+``"dam"`` and tags each of its attention modules with the runtime state for its layer. The
+handle's ``remove()`` puts the previous implementation names back and removes the tags.
+
+The mask function hands the attention function the 2D key-validity mask ``bool [B, Nk]`` (or
+``None`` when nothing is padded). The attention function then picks one path per call:
+
+* dense SDPA when the attended length ``Nk < min_length`` or a sliding window shorter than ``Nk``
+  applies, or the caller prepared its own 4D mask;
+* no padding: one block-sparse call with the layer's layout for ``(Nq, Nk)`` (static part
+  cached), ``block_sparse_decode`` when ``Nq == 1``;
+* padding: each row's valid queries and keys are gathered to the front (stable order), so
+  every row sits on its own block grid exactly as if it ran alone; one batched call with a
+  per-row layout (:meth:`Planner.plan_ragged`), results scattered back, padded query rows set
+  to 0. When padding sits in the cache *and* several queries arrive (chunked prefill of a
+  padded batch), or rows differ in dense-vs-sparse choice, rows run one by one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dam.compiler import Artifact, ArtifactError
+from dam.kernels import BlockLayout
+
+from . import _kernels
+from .errors import DamRuntimeError
+from .planner import Planner
+
+log = logging.getLogger(__name__)
+
+IMPL = "dam"
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How the runtime runs an artifact.
+
+    Attributes:
+        backend: kernel backend: "auto" | "triton" | "cpu" | "reference" (dense float64, tests).
+        min_length: calls attending fewer keys than this use dense SDPA.
+        block_size: block size of the layouts (``None``: the artifact's).
+        plan_cache_size: ``(q_len, kv_len)`` entries each layer's planner keeps.
+    """
+
+    backend: str = "auto"
+    min_length: int = 1024
+    block_size: int | None = None
+    plan_cache_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.backend not in _kernels.BACKENDS:
+            raise DamRuntimeError(f"backend must be one of {_kernels.BACKENDS}, got {self.backend!r}")
+        if isinstance(self.min_length, bool) or not isinstance(self.min_length, int) or self.min_length < 1:
+            raise DamRuntimeError(f"min_length must be a positive int, got {self.min_length!r}")
+        bs = self.block_size
+        if bs is not None and (isinstance(bs, bool) or not isinstance(bs, int) or bs < 16 or bs & (bs - 1)):
+            raise DamRuntimeError(f"block_size must be a power of two >= 16 or None, got {bs!r}")
+        if not isinstance(self.plan_cache_size, int) or self.plan_cache_size < 1:
+            raise DamRuntimeError(f"plan_cache_size must be a positive int, got {self.plan_cache_size!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# registration with transformers (global, idempotent)
+# --------------------------------------------------------------------------------------------
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    try:
+        from transformers import AttentionMaskInterface
+    except ImportError:  # pragma: no cover - older layouts
+        from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(IMPL, dam_attention_forward)
+    AttentionMaskInterface.register(IMPL, dam_mask)
+
+
+def dam_mask(
+    batch_size: int | None = None,
+    q_length: int | None = None,
+    kv_length: int | None = None,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Any = None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """transformers mask function: the key-validity mask ``bool [B, kv_length]``, or ``None``
+    when no key is padded (the attention function applies causality and the programs)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        return attention_mask  # a prepared 4D mask: used as given (dense path)
+    if kv_length is None:  # called without sizes (other transformers releases): the whole mask
+        kv_length = attention_mask.shape[-1] - kv_offset
+    m = attention_mask[:, kv_offset : kv_offset + kv_length].to(torch.bool)
+    if m.shape[-1] < kv_length:  # tokens not covered by the mask are valid
+        m = torch.nn.functional.pad(m, (0, kv_length - m.shape[-1]), value=True)
+    if bool(m.all()):
+        return None
+    return m
+
+
+def dam_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: query ``[B, Hq, N, D]`` (post-RoPE), key/value
+    ``[B, Hkv, Nk, D]`` (cache included; queries are the last N) -> ``([B, N, Hq, D], None)``."""
+    tag = getattr(module, "_dam_layer", None)
+    handle = tag[0] if tag is not None else None
+    if handle is None or not handle.active:
+        raise DamRuntimeError(
+            f"{type(module).__name__} uses attn_implementation='dam' but no DAM artifact is applied "
+            "to it; use dam.runtime.apply(model, artifact)"
+        )
+    if dropout and module.training:
+        raise DamRuntimeError("DAM attention is for inference: call model.eval() (dropout is not supported)")
+    out = handle._attend(tag[1], query, key, value, attention_mask, scaling, sliding_window)
+    return out.transpose(1, 2).contiguous(), None
+
+
+# --------------------------------------------------------------------------------------------
+# the handle
+# --------------------------------------------------------------------------------------------
+def _attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    found: dict[int, torch.nn.Module] = {}
+    for name, mod in model.named_modules():
+        if name.endswith("self_attn") and isinstance(getattr(mod, "layer_idx", None), int):
+            found[mod.layer_idx] = mod
+    return found
+
+
+def _configs(model: torch.nn.Module) -> list[Any]:
+    """The distinct config objects of the model and its submodules (and their sub-configs)."""
+    seen: dict[int, Any] = {}
+    stack = [m.config for m in model.modules() if getattr(m, "config", None) is not None]
+    while stack:
+        cfg = stack.pop()
+        if id(cfg) in seen or not hasattr(cfg, "_attn_implementation_internal"):
+            continue
+        seen[id(cfg)] = cfg
+        for key in getattr(cfg, "sub_configs", {}) or {}:
+            sub = getattr(cfg, key, None)
+            if sub is not None:
+                stack.append(sub)
+    return list(seen.values())
+
+
+class DamHandle:
+    """DAM applied to one model instance; a context manager. ``remove()`` undoes it exactly.
+
+    Attributes:
+        model: the patched model. artifact: the applied :class:`Artifact`.
+        config: the :class:`RuntimeConfig`. active: False once removed.
+    """
+
+    def __init__(self, model: torch.nn.Module, artifact: Artifact, config: RuntimeConfig) -> None:
+        self.model = model
+        self.artifact = artifact
+        self.config = config
+        self.block_size = config.block_size or artifact.block_size
+        self.active = False
+        self._saved: list[tuple[Any, Any]] = []
+        self._modules: dict[int, torch.nn.Module] = {}
+        # per-layer planners, shared by layers with the same head->program row, per device
+        self._row_key = [tuple(int(x) for x in row) for row in artifact.head_program]
+        self._planners: dict[tuple[tuple[int, ...], str], Planner] = {}
+        #: optional ``fn(layer, q, k, layout) -> BlockLayout`` called on every block-sparse call
+        #: with the planned layout; what it returns is run. For evaluation: observe the layouts
+        #: (return them unchanged) or substitute another method's (oracle, baselines).
+        self.layout_hook: Callable[[int, torch.Tensor, torch.Tensor, BlockLayout], BlockLayout] | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def _install(self) -> None:
+        mods = _attention_modules(self.model)
+        L = self.artifact.num_layers
+        if sorted(mods) != list(range(L)):
+            raise DamRuntimeError(
+                f"found attention modules for layers {sorted(mods)[:8]}... but the artifact has {L} "
+                "layers; DAM supports llama-family models whose attention modules are `*.self_attn`"
+            )
+        configs = _configs(self.model)
+        if any(c._attn_implementation_internal == IMPL for c in configs):
+            raise DamRuntimeError("this model already has DAM applied; remove() that handle first")
+        _register()
+        self._saved = [(c, c._attn_implementation_internal) for c in configs]
+        for layer, mod in mods.items():
+            mod._dam_layer = (self, layer)
+        self._modules = mods
+        for c in configs:
+            c._attn_implementation_internal = IMPL
+        self.active = True
+
+    def remove(self) -> None:
+        """Restore the previous attention implementation of every config; idempotent."""
+        if not self.active:
+            return
+        for c, prev in self._saved:
+            c._attn_implementation_internal = prev
+        for mod in self._modules.values():
+            if hasattr(mod, "_dam_layer"):
+                del mod._dam_layer
+        self._planners.clear()
+        self.active = False
+
+    def __enter__(self) -> DamHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return (f"DamHandle(layers={self.artifact.num_layers}, block_size={self.block_size}, "
+                f"backend={self.config.backend!r}, active={self.active})")
+
+    # -- planning -------------------------------------------------------------------------
+    def planner(self, layer: int, device: torch.device | str) -> Planner:
+        """The (cached) planner of ``layer`` on ``device``."""
+        dev = torch.device(device)
+        key = (self._row_key[layer], str(dev))
+        p = self._planners.get(key)
+        if p is None:
+            p = Planner(self.artifact.layer_programs(layer), self.block_size, dev, self.config.plan_cache_size)
+            self._planners[key] = p
+        return p
+
+    # -- the attention call ---------------------------------------------------------------
+    def _dense_for(self, kv_len: int, sliding_window: int | None) -> bool:
+        return kv_len < self.config.min_length or (sliding_window is not None and sliding_window < kv_len)
+
+    def _attend(self, layer, q, k, v, mask, scaling, sliding_window) -> torch.Tensor:
+        """-> ``[B, Hq, N, D]``."""
+        B, Hq, N, D = q.shape
+        Nk = k.shape[2]
+        scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(D)
+        if mask is not None and mask.dim() != 2:
+            return _kernels.dense_attention(q, k, v, scale=scale, mask4d=mask)
+        if mask is None:
+            if self._dense_for(Nk, sliding_window):
+                return _kernels.dense_attention(q, k, v, scale=scale, sliding_window=sliding_window)
+            return self._sparse_uniform(layer, q, k, v, scale)
+        return self._padded(layer, q, k, v, mask, scale, sliding_window)
+
+    def _sparse_uniform(self, layer, q, k, v, scale) -> torch.Tensor:
+        N, Nk = q.shape[2], k.shape[2]
+        planner = self.planner(layer, q.device)
+        layout = planner.plan(N, Nk, q, k)
+        if self.layout_hook is not None:
+            layout = self.layout_hook(layer, q, k, layout)
+        if N == 1:
+            seqlens = torch.full((q.shape[0],), Nk, dtype=torch.int32, device=q.device)
+            return _kernels.sparse_decode(q, k, v, layout, cache_seqlens=seqlens, scale=scale,
+                                          backend=self.config.backend)
+        return _kernels.sparse_prefill(q, k, v, layout, scale=scale, backend=self.config.backend)
+
+    def _padded(self, layer, q, k, v, valid_k, scale, sliding_window) -> torch.Tensor:
+        B, Hq, N, D = q.shape
+        Nk = k.shape[2]
+        valid_k = valid_k.to(q.device)
+        valid_q = valid_k[:, Nk - N:]
+        lk = valid_k.sum(1)
+        lq = valid_q.sum(1)
+        lk_host = lk.tolist()  # one sync per layer, padded batches only
+        dense_rows = [self._dense_for(n, sliding_window) for n in lk_host]
+        if all(dense_rows):
+            out = _kernels.dense_attention(q, k, v, scale=scale, key_valid=valid_k, sliding_window=sliding_window)
+            return _zero_pad_rows(out, valid_q)
+        past_ok = N == 1 or N == Nk or bool(valid_k[:, : Nk - N].all())
+        if any(dense_rows) or not past_ok or self.layout_hook is not None:
+            return self._per_row(layer, q, k, v, valid_k, valid_q, scale, sliding_window)
+        # gather each row's valid keys / queries to the front (stable: order kept)
+        ok = torch.argsort((~valid_k).to(torch.int8), dim=1, stable=True)
+        kc = torch.gather(k, 2, ok[:, None, :, None].expand(-1, k.shape[1], -1, D))
+        vc = torch.gather(v, 2, ok[:, None, :, None].expand(-1, v.shape[1], -1, v.shape[-1]))
+        planner = self.planner(layer, q.device)
+        if N == 1:
+            ones = torch.ones_like(lk)
+            layout = planner.plan_ragged(ones, lk.clamp(min=1), q, kc)
+            out = _kernels.sparse_decode(q, kc, vc, layout, cache_seqlens=lk.clamp(min=1).to(torch.int32),
+                                         scale=scale, backend=self.config.backend)
+            return _zero_pad_rows(out, valid_q)
+        oq = torch.argsort((~valid_q).to(torch.int8), dim=1, stable=True)
+        qc = torch.gather(q, 2, oq[:, None, :, None].expand(-1, Hq, -1, D))
+        layout = planner.plan_ragged(lq, lk, qc, kc)
+        outc = _kernels.sparse_prefill(qc, kc, vc, layout, scale=scale, backend=self.config.backend)
+        out = torch.full_like(outc, float("nan"))  # every row is written by the scatter
+        out.scatter_(2, oq[:, None, :, None].expand(-1, Hq, -1, outc.shape[-1]), outc)
+        return _zero_pad_rows(out, valid_q)
+
+    def _per_row(self, layer, q, k, v, valid_k, valid_q, scale, sliding_window) -> torch.Tensor:
+        out = torch.zeros((*q.shape[:3], v.shape[-1]), dtype=q.dtype, device=q.device)
+        for b in range(q.shape[0]):
+            iq = valid_q[b].nonzero().squeeze(1)
+            if iq.numel() == 0:
+                continue
+            ik = valid_k[b].nonzero().squeeze(1)
+            qb, kb, vb = q[b:b + 1, :, iq], k[b:b + 1, :, ik], v[b:b + 1, :, ik]
+            if self._dense_for(kb.shape[2], sliding_window):
+                ob = _kernels.dense_attention(qb, kb, vb, scale=scale, sliding_window=sliding_window)
+            else:
+                ob = self._sparse_uniform(layer, qb, kb, vb, scale)
+            out[b, :, iq] = ob[0]
+        return out
+
+
+def _zero_pad_rows(out: torch.Tensor, valid_q: torch.Tensor) -> torch.Tensor:
+    """Padded query rows of ``out [B, H, N, D]`` (``valid_q`` bool ``[B, N]``) set to 0."""
+    return torch.where(valid_q[:, None, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+def _resolve_artifact(artifact: Artifact | str | os.PathLike) -> Artifact:
+    if isinstance(artifact, Artifact):
+        return artifact
+    if isinstance(artifact, (str, os.PathLike)):
+        try:
+            from dam.compiler import load_artifact
+        except ImportError as exc:  # pragma: no cover - compiler not built
+            raise DamRuntimeError(f"cannot read artifact files: dam.compiler.load_artifact is missing ({exc})") from exc
+        return load_artifact(artifact)
+    raise DamRuntimeError(f"artifact must be an Artifact or a path, got {type(artifact).__name__}")
+
+
+def apply(
+    model: torch.nn.Module,
+    artifact: Artifact | str | os.PathLike,
+    *,
+    backend: str = "auto",
+    min_length: int = 1024,
+    block_size: int | None = None,
+    plan_cache_size: int = 16,
+) -> DamHandle:
+    """Run ``model``'s attention through DAM with ``artifact`` (an :class:`Artifact` or a path).
+
+    Only this model instance is switched. Raises ``ArtifactError`` when the artifact does not
+    fit the model (layers, heads, KV heads, head_dim) and ``DamRuntimeError`` when the model is
+    not a supported llama-family model or already has DAM applied.
+
+    Returns:
+        a :class:`DamHandle` (context manager); ``handle.remove()`` restores the model exactly.
+    """
+    cfg = RuntimeConfig(backend=backend, min_length=min_length, block_size=block_size,
+                        plan_cache_size=plan_cache_size)
+    art = _resolve_artifact(artifact)
+    if not hasattr(model, "config"):
+        raise DamRuntimeError(f"expected a transformers model with a .config, got {type(model).__name__}")
+    art.check_compatible(model.config)
+    handle = DamHandle(model, art, cfg)
+    handle._install()
+    log.info("DAM applied: %d layers, block %d, backend %s, min_length %d",
+             art.num_layers, handle.block_size, cfg.backend, cfg.min_length)
+    return handle
+
+
+def load(model_id_or_path: str | os.PathLike, artifact: Artifact | str | os.PathLike,
+         *, backend: str = "auto", min_length: int = 1024, **from_pretrained_kwargs: Any):
+    """``AutoModelForCausalLM.from_pretrained(model_id_or_path, **kwargs)`` with DAM applied.
+
+    The handle is kept as ``model.dam_handle`` (call ``model.dam_handle.remove()`` to undo).
+    The artifact is validated before the weights are loaded.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    art = _resolve_artifact(artifact)
+    try:
+        config = AutoConfig.from_pretrained(model_id_or_path)
+    except OSError as exc:
+        raise DamRuntimeError(f"cannot load a model config from {model_id_or_path!s}: {exc}") from exc
+    art.check_compatible(config)
+    model = AutoModelForCausalLM.from_pretrained(model_id_or_path, **from_pretrained_kwargs)
+    model.eval()
+    model.dam_handle = apply(model, art, backend=backend, min_length=min_length)
+    return model
+
+
+__all__ = ["IMPL", "ArtifactError", "DamHandle", "RuntimeConfig", "apply", "dam_attention_forward",
+           "dam_mask", "load"]
