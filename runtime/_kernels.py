@@ -1,0 +1,96 @@
+"""The one place the runtime calls the block-sparse kernels (and the dense fallback).
+
+``backend`` is passed to ``dam.kernels`` ("auto" | "triton" | "cpu"); "reference" runs the
+kernels' dense float64 reference (tests and debugging only: it materialises [B, H, Nq, Nk]).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dam.kernels import BlockLayout
+
+from .errors import DamRuntimeError
+
+BACKENDS = ("auto", "triton", "cpu", "reference")
+
+
+def _kernels():
+    try:
+        from dam.kernels import block_sparse_attention, block_sparse_decode
+    except ImportError as exc:  # pragma: no cover - depends on the kernels being built
+        raise DamRuntimeError(
+            f"dam.kernels has no block-sparse kernels ({exc}); install a complete dam-attention "
+            "or use backend='reference' for a (slow) dense check"
+        ) from exc
+    return block_sparse_attention, block_sparse_decode
+
+
+def sparse_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, *, scale: float, backend: str
+) -> torch.Tensor:
+    """Block-sparse causal attention; q ``[B, Hq, Nq, D]`` (the last Nq of Nk), k/v ``[B, Hkv, Nk, D]``
+    -> ``[B, Hq, Nq, D]`` in q's dtype."""
+    if backend == "reference":
+        from dam.kernels.reference import attention_reference
+
+        return attention_reference(q, k, v, layout, causal=True, scale=scale)[0].to(q.dtype)
+    attn, _ = _kernels()
+    return attn(q, k, v, layout, causal=True, scale=scale, backend=backend)
+
+
+def sparse_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    cache_seqlens: torch.Tensor,
+    scale: float,
+    backend: str,
+) -> torch.Tensor:
+    """One query per row at position ``cache_seqlens[b] - 1``; q ``[B, Hq, 1, D]``, k/v
+    ``[B, Hkv, S, D]``, cache_seqlens int32 ``[B]`` -> ``[B, Hq, 1, D]``."""
+    if backend == "reference":
+        from dam.kernels.reference import decode_reference
+
+        out = decode_reference(q, k, v, layout, cache_seqlens=cache_seqlens, scale=scale)[0]
+        return out.to(q.dtype)
+    _, dec = _kernels()
+    return dec(q, k, v, layout, cache_seqlens=cache_seqlens, scale=scale, backend=backend)
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    key_valid: torch.Tensor | None = None,
+    mask4d: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Dense causal SDPA (queries the last Nq of Nk) -> ``[B, Hq, Nq, D]``.
+
+    Args:
+        key_valid: optional bool ``[B, Nk]`` (False = padding, never attended).
+        mask4d: a 4D mask prepared by the caller (bool or additive), used as given.
+        sliding_window: keep only keys with ``i - j < sliding_window``.
+    """
+    B, Hq, Nq, _ = q.shape
+    Nk = k.shape[2]
+    gqa = Hq != k.shape[1]
+    if mask4d is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask4d, scale=scale, enable_gqa=gqa)
+    if key_valid is None and sliding_window is None and Nq == Nk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    i = torch.arange(Nk - Nq, Nk, device=q.device)[:, None]
+    j = torch.arange(Nk, device=q.device)[None, :]
+    m = (j <= i)[None, None]
+    if sliding_window is not None:
+        m = m & (i - j < sliding_window)
+    if key_valid is not None:
+        m = m & key_valid[:, None, None, :].to(torch.bool)
+        m = m | ~m.any(-1, keepdim=True)  # padded query rows: any finite output (discarded)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale, enable_gqa=gqa)

@@ -1,0 +1,447 @@
+"""Planning: mask programs -> block layouts, vectorised on the device.
+
+The H programs of a layer are encoded once as padded tensors (:class:`ProgramTable`). A static
+block mask is then computed for all heads and query blocks at once from *key intervals*: for
+query block ``a`` (absolute query positions ``[i0, i1]``) every program term keeps a contiguous
+range of keys, and a KV block is kept when it overlaps one of the ranges:
+
+=============  ==========================================  (empty when)
+term           keys kept by the query block
+=============  ==========================================  ==============
+diagonal       ``[i0, i1]``                                never
+sink           ``[0, min(sink - 1, i1)]``                  ``sink == 0``
+window         ``[max(i0 - window + 1, 0), i1]``           ``window == 0``
+dense          ``[0, i1]``                                 not dense
+slash ``s``    ``[max(i0 - s, 0), i1 - s]``                ``i1 < s``
+vertical ``c`` ``[c, c]``                                  ``c > i1``
+=============  ==========================================  ==============
+
+This is the same set as the offset-range definition of :meth:`MaskProgram.block_mask` (block
+pair ``(a, b)`` holds the offsets ``[max(0, i0 - j1), i1 - j0]``), computed without a loop over
+heads, blocks or terms: the intervals become a difference array over KV blocks (one
+``scatter_add`` and one ``cumsum``).
+
+The dynamic part is chosen per call from mean-pooled query and key blocks: per (row, head, query
+block) the ``max(1, ceil(fraction * causal blocks))`` best-scoring causal blocks not already kept.
+
+Lengths can differ per batch row (``q_lens``/``kv_lens`` tensors, for padded batches): row ``b``
+then gets exactly the layout it would get alone, padded to the batch's block counts; query
+blocks past a row's own queries keep only KV block 0 (their outputs are discarded).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from dam.compiler import MaskProgram
+from dam.kernels import BlockLayout
+
+from .errors import DamRuntimeError
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True, eq=False)
+class ProgramTable:
+    """The H programs of one layer as padded device tensors (built once per artifact layer).
+
+    Attributes:
+        sink, window: int64 ``[H]``.
+        slashes: int64 ``[H, S]``, ``-1`` padded (``S`` may be 0).
+        verticals: int64 ``[H, V]``, ``-1`` padded (``V`` may be 0).
+        dense: bool ``[H]``.
+        fraction: float64 ``[Hd]``, the dynamic fractions of the dynamic heads.
+        dynamic_heads: int64 ``[Hd]``, indices of the heads with a dynamic part (not dense).
+        max_fraction: the largest dynamic fraction (host float, sizes the top-k).
+    """
+
+    sink: torch.Tensor
+    window: torch.Tensor
+    slashes: torch.Tensor
+    verticals: torch.Tensor
+    dense: torch.Tensor
+    fraction: torch.Tensor
+    dynamic_heads: torch.Tensor
+    max_fraction: float
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.sink.shape[0])
+
+    @property
+    def num_dynamic(self) -> int:
+        return int(self.dynamic_heads.shape[0])
+
+    @classmethod
+    def encode(cls, programs: Sequence[MaskProgram], device: torch.device | str = "cpu") -> ProgramTable:
+        progs = tuple(programs)
+        if not progs or not all(isinstance(p, MaskProgram) for p in progs):
+            raise DamRuntimeError("plan needs a non-empty sequence of MaskProgram (one per query head)")
+        S = max(len(p.slashes) for p in progs)
+        V = max(len(p.verticals) for p in progs)
+        sl = [list(p.slashes) + [-1] * (S - len(p.slashes)) for p in progs]
+        ve = [list(p.verticals) + [-1] * (V - len(p.verticals)) for p in progs]
+        dyn = [h for h, p in enumerate(progs) if not p.dense and p.dynamic_fraction > 0]
+        i64 = dict(dtype=torch.int64, device=device)
+        return cls(
+            sink=torch.tensor([p.sink for p in progs], **i64),
+            window=torch.tensor([p.window for p in progs], **i64),
+            slashes=torch.tensor(sl, **i64).reshape(len(progs), S),
+            verticals=torch.tensor(ve, **i64).reshape(len(progs), V),
+            dense=torch.tensor([p.dense for p in progs], dtype=torch.bool, device=device),
+            fraction=torch.tensor([progs[h].dynamic_fraction for h in dyn], dtype=torch.float64, device=device),
+            dynamic_heads=torch.tensor(dyn, **i64),
+            max_fraction=max((progs[h].dynamic_fraction for h in dyn), default=0.0),
+        )
+
+
+def _query_block_bounds(q_lens: torch.Tensor, kv_lens: torch.Tensor, nqb: int, B: int):
+    """Absolute first/last query position ``i0, i1`` ``[Bt, nqb]`` and whether the block holds
+    queries of the row (``valid [Bt, nqb]``)."""
+    a = torch.arange(nqb, device=q_lens.device, dtype=torch.int64)
+    q = q_lens.to(torch.int64).unsqueeze(1)
+    off = kv_lens.to(torch.int64).unsqueeze(1) - q
+    valid = a.unsqueeze(0) * B < q
+    i0 = off + a * B
+    i1 = off + torch.minimum((a + 1) * B, q) - 1
+    return i0, i1, valid
+
+
+def static_block_mask(
+    table: ProgramTable, q_lens: torch.Tensor, kv_lens: torch.Tensor, nqb: int, nkb: int, block_size: int
+) -> torch.Tensor:
+    """The static block mask of every head, ``bool [Bt, H, nqb, nkb]``.
+
+    Args:
+        table: the layer's encoded programs (H heads).
+        q_lens, kv_lens: int ``[Bt]`` per-row query and key counts (queries are the last
+            ``q_lens[b]`` of ``kv_lens[b]`` positions), on the table's device.
+        nqb, nkb: block counts of the batch (at least those of the longest row).
+    """
+    B = block_size
+    i0, i1, valid = _query_block_bounds(q_lens, kv_lens, nqb, B)
+    i0, i1, valid = i0[:, None, :, None], i1[:, None, :, None], valid[:, None, :, None]  # [Bt,1,nqb,1]
+    H = table.num_heads
+    shape = (i0.shape[0], H, nqb, 1)
+    zero = torch.zeros((), dtype=torch.int64, device=i0.device)
+    sink = table.sink[None, :, None, None]
+    window = table.window[None, :, None, None]
+    dense = table.dense[None, :, None, None]
+    empty_lo = torch.ones((), dtype=torch.int64, device=i0.device)  # lo=1 > hi=0 is empty
+    los = [
+        i0.expand(shape),  # diagonal
+        zero.expand(shape),  # sink
+        torch.clamp(i0 - window + 1, min=0).expand(shape),  # window
+        zero.expand(shape),  # dense
+    ]
+    his = [
+        i1.expand(shape),
+        torch.minimum(sink - 1, i1).expand(shape),
+        torch.where(window > 0, i1, zero - 1).expand(shape),
+        torch.where(dense, i1, zero - 1).expand(shape),
+    ]
+    if table.slashes.shape[1]:
+        s = table.slashes[None, :, None, :]  # [1,H,1,S]
+        los.append(torch.clamp(i0 - s, min=0))
+        his.append(torch.where(s >= 0, i1 - s, zero - 1))
+    if table.verticals.shape[1]:
+        c = table.verticals[None, :, None, :]
+        ok = (c >= 0) & (c <= i1)
+        los.append(torch.where(ok, c, empty_lo))
+        his.append(torch.where(ok, c, zero))
+    lo = torch.cat([t.expand(i0.shape[0], H, nqb, t.shape[-1]) for t in los], -1)
+    hi = torch.cat([t.expand(i0.shape[0], H, nqb, t.shape[-1]) for t in his], -1)
+    # rows past the row's queries: only the diagonal term survives, replaced by key block 0
+    nonempty = (hi >= lo) & valid
+    lo = torch.where(valid, lo, zero)
+    hi = torch.where(valid, hi, zero)
+    first_term = torch.zeros_like(nonempty)
+    first_term[..., 0] = True
+    nonempty = nonempty | (~valid & first_term)
+    one = nonempty.to(torch.int32)
+    blo = torch.where(nonempty, lo // B, zero).clamp(max=nkb)
+    bhi = torch.where(nonempty, hi // B + 1, zero).clamp(max=nkb)
+    diff = torch.zeros((*lo.shape[:3], nkb + 1), dtype=torch.int32, device=lo.device)
+    diff.scatter_add_(-1, blo, one)
+    diff.scatter_add_(-1, bhi, -one)
+    return diff.cumsum(-1)[..., :nkb] > 0
+
+
+def dynamic_candidates(
+    table: ProgramTable, static: torch.Tensor, q_lens: torch.Tensor, kv_lens: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Length-only inputs of the dynamic choice (cacheable per length).
+
+    Returns:
+        ``bias`` float32 ``[Bt, Hd, nqb, nkb]`` (0 on candidate blocks: causal, not static, in
+        a query block holding queries; ``-inf`` elsewhere) and ``budget`` int64 ``[Bt, Hd, nqb]``
+        = ``max(1, ceil(fraction * causal blocks))`` (float64, as ``MaskProgram.dynamic_blocks``).
+    """
+    B = block_size
+    nqb, nkb = static.shape[2], static.shape[3]
+    _, i1, valid = _query_block_bounds(q_lens, kv_lens, nqb, B)
+    last = (i1 // B)[:, None, :, None]  # last causal KV block
+    bidx = torch.arange(nkb, device=static.device)
+    cand = (bidx <= last) & ~static.index_select(1, table.dynamic_heads) & valid[:, None, :, None]
+    bias = torch.zeros(cand.shape, dtype=torch.float32, device=static.device).masked_fill_(~cand, float("-inf"))
+    ncausal = (i1 // B + 1).to(torch.float64)[:, None, :]  # [Bt,1,nqb]
+    budget = torch.clamp(torch.ceil(table.fraction[None, :, None] * ncausal), min=1).to(torch.int64)
+    return bias, budget
+
+
+def dynamic_indices(
+    table: ProgramTable,
+    bias: torch.Tensor,
+    budget: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_lens: torch.Tensor | None,
+    kv_lens: torch.Tensor | None,
+    block_size: int,
+) -> torch.Tensor:
+    """The chosen dynamic blocks: int64 ``[Bt, Hd, nqb, kmax]``, ``-1`` where none.
+
+    Per (row, dynamic head, query block): the ``budget`` candidate KV blocks (``bias == 0``)
+    with the largest pooled score ``mean(q_block) . mean(k_block)`` (means over the row's own
+    queries/keys; ``None`` lengths = all rows valid). Fewer when fewer candidates remain.
+
+    Args:
+        q: ``[Bt, Hq, Nq, D]`` (row ``b``'s queries are rows ``[0, q_lens[b])``).
+        k: ``[Bt, Hkv, Nk, D]`` (row ``b``'s keys are ``[0, kv_lens[b])``).
+    """
+    B = block_size
+    Hq, Hkv = q.shape[1], k.shape[1]
+    nqb, nkb = bias.shape[2], bias.shape[3]
+    dh = table.dynamic_heads
+    qp = _pool(q.index_select(1, dh), q_lens, nqb, B)  # [Bt, Hd, nqb, D] float32
+    kp = _pool(k, kv_lens, nkb, B).index_select(1, dh // (Hq // Hkv))  # [Bt, Hd, nkb, D]
+    score = torch.baddbmm(
+        bias.expand(qp.shape[0], -1, -1, -1).reshape(-1, nqb, nkb),
+        qp.reshape(-1, nqb, qp.shape[-1]), kp.reshape(-1, nkb, kp.shape[-1]).transpose(1, 2),
+    ).view(qp.shape[0], -1, nqb, nkb)
+    kmax = min(nkb, max(1, math.ceil(table.max_fraction * nkb)))
+    vals, idx = score.topk(kmax, dim=-1)
+    keep = (torch.arange(kmax, device=q.device) < budget.unsqueeze(-1)) & torch.isfinite(vals)
+    return torch.where(keep, idx, torch.full_like(idx, -1))
+
+
+def dynamic_block_mask(
+    table: ProgramTable,
+    static: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_lens: torch.Tensor,
+    kv_lens: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor:
+    """The dynamic blocks of the dynamic heads as a mask, ``bool [Bt, Hd, nqb, nkb]``.
+
+    Args:
+        static: bool ``[Bt or 1, H, nqb, nkb]``; q, k, q_lens, kv_lens: see :func:`dynamic_indices`.
+    """
+    bias, budget = dynamic_candidates(table, static, q_lens, kv_lens, block_size)
+    idx = dynamic_indices(table, bias, budget, q, k, q_lens, kv_lens, block_size)
+    nkb = static.shape[-1]
+    out = torch.zeros((*idx.shape[:3], nkb + 1), dtype=torch.bool, device=idx.device)
+    out.scatter_(-1, torch.where(idx < 0, nkb, idx), True)
+    return out[..., :nkb]
+
+
+def _pool(x: torch.Tensor, lens: torch.Tensor | None, nblocks: int, B: int) -> torch.Tensor:
+    """float32 mean of ``x [Bt, H, N, D]`` over each B-block's first ``lens[b]`` rows (all rows
+    when ``lens`` is None) -> ``[Bt, H, nblocks, D]``."""
+    Bt, H, N, D = x.shape
+    pad = nblocks * B - N
+    if pad < 0:
+        raise DamRuntimeError(f"{N} rows do not fit {nblocks} blocks of {B}")
+    x = x.float()
+    if lens is not None:
+        rows = torch.arange(N, device=x.device)[None, :] < lens.to(x.device)[:, None]  # [Bt, N]
+        x = x.masked_fill(~rows[:, None, :, None], 0.0)
+        cnt = (lens.to(x.device)[:, None] - torch.arange(nblocks, device=x.device) * B).clamp(0, B)
+    else:
+        cnt = (N - torch.arange(nblocks, device=x.device) * B).clamp(max=B)[None, :].expand(Bt, -1)
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    s = x.view(Bt, H, nblocks, B, D).sum(3)
+    return s / cnt.clamp(min=1).to(s.dtype)[:, None, :, None]
+
+
+def merge_layouts(static: BlockLayout, dyn_idx: torch.Tensor, dynamic_heads: torch.Tensor) -> BlockLayout:
+    """Static layout ``[1 or Bt, H, nqb, ms]`` + dynamic block indices ``[Bt, Hd, nqb, kmax]``
+    (``-1`` = none, disjoint from the static blocks) of heads ``dynamic_heads`` -> layout
+    ``[Bt, H, nqb, ms + kmax]`` (sorted, ``-1`` padded). No host sync."""
+    Bt, _, nqb, kmax = dyn_idx.shape
+    H, ms = static.heads, static.max_blocks
+    sidx = static.kv_indices.long()
+    big = torch.iinfo(torch.int32).max
+    rows = torch.cat([sidx.index_select(1, dynamic_heads).expand(Bt, -1, -1, -1), dyn_idx], -1)
+    rows = torch.where(rows < 0, big, rows).sort(-1).values
+    rows = torch.where(rows == big, -1, rows).to(torch.int32)
+    idx = torch.full((Bt, H, nqb, ms + kmax), -1, dtype=torch.int32, device=sidx.device)
+    idx[..., :ms] = static.kv_indices
+    idx[:, dynamic_heads] = rows
+    counts = static.kv_counts.expand(Bt, -1, -1).clone()
+    counts[:, dynamic_heads] += (dyn_idx >= 0).sum(-1, dtype=torch.int32)
+    return BlockLayout(idx, counts, static.block_m, static.block_n)
+
+
+def mask_to_layout(mask: torch.Tensor, block_size: int, max_blocks: int | None = None) -> BlockLayout:
+    """bool ``[Bl, H, nqb, nkb]`` -> :class:`BlockLayout` (sorted indices, ``-1`` padded).
+
+    ``max_blocks`` bounds the kept blocks per row (host-known, avoids a device sync); when
+    omitted it is read from the mask (one sync).
+    """
+    nkb = mask.shape[-1]
+    counts = mask.sum(-1, dtype=torch.int32)
+    if max_blocks is None:
+        max_blocks = int(counts.max()) if counts.numel() else 1
+    max_blocks = max(1, min(int(max_blocks), nkb))
+    pos = mask.to(torch.int32).cumsum(-1) - 1
+    pos = torch.where(mask & (pos < max_blocks), pos, torch.full_like(pos, max_blocks))
+    idx = torch.full((*mask.shape[:3], max_blocks + 1), -1, dtype=torch.int32, device=mask.device)
+    src = torch.arange(nkb, dtype=torch.int32, device=mask.device).expand_as(pos)
+    idx.scatter_(-1, pos.long(), src)
+    idx = idx[..., :max_blocks].contiguous()
+    return BlockLayout(idx, counts.clamp(max=max_blocks).contiguous(), block_size, block_size)
+
+
+class Planner:
+    """Plans one layer's block layouts; caches the length-only part per ``(q_len, kv_len)``.
+
+    Args:
+        programs: the layer's H programs, in query-head order.
+        block_size: the block size (a power of two >= 16; ``block_m == block_n``).
+        device: where tables, masks and layouts live.
+        cache_size: how many ``(q_len, kv_len)`` entries to keep (LRU).
+    """
+
+    def __init__(
+        self,
+        programs: Sequence[MaskProgram],
+        block_size: int,
+        device: torch.device | str = "cpu",
+        cache_size: int = 16,
+    ) -> None:
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 \
+                or block_size & (block_size - 1):
+            raise DamRuntimeError(f"block_size must be a power of two >= 16, got {block_size!r}")
+        self.block_size = block_size
+        self.device = torch.device(device)
+        self.table = ProgramTable.encode(programs, self.device)
+        self.cache_size = int(cache_size)
+        # (q_len, kv_len) -> (static layout [1,H,nqb,ms], dynamic bias [1,Hd,nqb,nkb] | None,
+        #                     dynamic budget [1,Hd,nqb] | None)
+        self._cache: OrderedDict[tuple[int, int], tuple[BlockLayout, torch.Tensor | None,
+                                                        torch.Tensor | None]] = OrderedDict()
+
+    @property
+    def has_dynamic(self) -> bool:
+        return self.table.num_dynamic > 0
+
+    def _static(self, q_len: int, kv_len: int):
+        key = (q_len, kv_len)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        B = self.block_size
+        ql = torch.tensor([q_len], device=self.device)
+        kl = torch.tensor([kv_len], device=self.device)
+        mask = static_block_mask(self.table, ql, kl, _cdiv(q_len, B), _cdiv(kv_len, B), B)
+        layout = mask_to_layout(mask, B)  # one sync per new length
+        bias = budget = None
+        if self.has_dynamic:
+            bias, budget = dynamic_candidates(self.table, mask, ql, kl, B)
+        entry = (layout, bias, budget)
+        self._cache[key] = entry
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return entry
+
+    def plan(
+        self,
+        q_len: int,
+        kv_len: int,
+        q: torch.Tensor | None = None,
+        k: torch.Tensor | None = None,
+    ) -> BlockLayout:
+        """Layout for queries = the last ``q_len`` of ``kv_len`` positions (whole batch alike).
+
+        Args:
+            q: ``[Bt, Hq, q_len, D]`` and k: ``[Bt, Hkv, kv_len, D]``, needed when the layer has
+                dynamic heads (the layout then has ``Bl = Bt``; otherwise ``Bl = 1``).
+        """
+        _check_lengths(q_len, kv_len)
+        layout, bias, budget = self._static(q_len, kv_len)
+        if bias is None:
+            return layout
+        if q is None or k is None:
+            raise DamRuntimeError(
+                "this layer has dynamic heads: pass q [B, Hq, q_len, D] and k [B, Hkv, kv_len, D] to plan"
+            )
+        if q.shape[2] != q_len or k.shape[2] != kv_len:
+            raise DamRuntimeError(
+                f"q/k hold {q.shape[2]}/{k.shape[2]} positions but q_len/kv_len are {q_len}/{kv_len}"
+            )
+        dyn = dynamic_indices(self.table, bias, budget, q, k, None, None, self.block_size)
+        return merge_layouts(layout, dyn, self.table.dynamic_heads)
+
+    def plan_ragged(
+        self,
+        q_lens: torch.Tensor,
+        kv_lens: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+    ) -> BlockLayout:
+        """Per-row layout ``[Bt, H, ceil(Nq/B), ...]`` for a compacted padded batch.
+
+        Row ``b``'s queries are ``q[b, :, :q_lens[b]]`` at absolute positions
+        ``kv_lens[b] - q_lens[b] + r``, its keys ``k[b, :, :kv_lens[b]]``; its layout equals the
+        one it would get alone (query blocks past its queries keep KV block 0). One host sync.
+
+        Args:
+            q_lens, kv_lens: int ``[Bt]``. q: ``[Bt, Hq, Nq, D]``. k: ``[Bt, Hkv, Nk, D]``.
+        """
+        B = self.block_size
+        nqb, nkb = _cdiv(q.shape[2], B), _cdiv(k.shape[2], B)
+        ql = q_lens.to(self.device, torch.int64)
+        kl = kv_lens.to(self.device, torch.int64)
+        mask = static_block_mask(self.table, ql, kl, nqb, nkb, B)
+        layout = mask_to_layout(mask, B)
+        if not self.has_dynamic:
+            return layout
+        bias, budget = dynamic_candidates(self.table, mask, ql, kl, B)
+        dyn = dynamic_indices(self.table, bias, budget, q, k, ql, kl, B)
+        return merge_layouts(layout, dyn, self.table.dynamic_heads)
+
+
+def _check_lengths(q_len: int, kv_len: int) -> None:
+    if q_len < 1 or kv_len < 1 or q_len > kv_len:
+        raise DamRuntimeError(f"need 1 <= q_len <= kv_len, got q_len={q_len}, kv_len={kv_len}")
+
+
+def plan(
+    programs: Sequence[MaskProgram],
+    q_len: int,
+    kv_len: int,
+    block_size: int,
+    device: torch.device | str = "cpu",
+    *,
+    q: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+) -> BlockLayout:
+    """Block layout ``[1 or B, H, ceil(q_len/B), max_blocks]`` of H programs (one per head).
+
+    One-shot form of :class:`Planner` (which caches per ``(q_len, kv_len)``; the runtime keeps
+    one per layer). Static heads need nothing else; heads with a dynamic part need ``q
+    [B, H, q_len, D]`` and ``k [B, Hkv, kv_len, D]`` (post-RoPE) and give a per-row layout.
+    """
+    return Planner(programs, block_size, device, cache_size=1).plan(q_len, kv_len, q, k)

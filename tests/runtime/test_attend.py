@@ -1,0 +1,135 @@
+"""The attention call: prefill / chunked prefill / decode / padding against an independent
+float64 reference built from MaskProgram.block_mask (the definition)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dam.compiler import Artifact
+from dam.runtime import DamHandle, RuntimeConfig
+
+from ._helpers import FP32_TOL, MIXED_PROGRAMS, STATIC_PROGRAMS, reference_attention
+
+BACKENDS = ["reference"]
+try:  # the kernels' CPU path, once it exists
+    from dam.kernels import block_sparse_attention, block_sparse_decode  # noqa: F401
+
+    BACKENDS.append("cpu")
+except ImportError:  # pragma: no cover
+    pass
+
+
+def _handle(programs, block_size=16, backend="reference", heads=None):
+    H = heads or len(programs)
+    hp = np.arange(H, dtype=np.int32)[None, :] % len(programs)
+    art = Artifact(programs=tuple(programs), head_program=hp, block_size=block_size)
+    return DamHandle(None, art, RuntimeConfig(backend=backend, min_length=1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N,Nk,hkv", [(97, 97, 4), (1000, 1000, 1), (40, 301, 2), (1, 1025, 4), (1, 97, 1)])
+def test_attend_equals_definition(backend, N, Nk, hkv):
+    H, D = 4, 16
+    h = _handle(STATIC_PROGRAMS, backend=backend)
+    q, k, v = torch.randn(2, H, N, D), torch.randn(2, hkv, Nk, D), torch.randn(2, hkv, Nk, D)
+    q = q * 3  # peaked attention, so a wrong mask shows
+    out = h._attend(0, q, k, v, None, 0.3, None)
+    assert out.shape == (2, H, N, D) and out.dtype == torch.float32
+    ref = reference_attention(q, k, v, STATIC_PROGRAMS, 16, scale=0.3)
+    torch.testing.assert_close(out.double(), ref, **FP32_TOL)
+
+
+def _pad(x, valid, garbage=1e3):
+    """Scatter rows x [H, n, D] into a padded [H, len(valid), D] at the True slots; pads = garbage."""
+    out = torch.full((x.shape[0], valid.numel(), x.shape[-1]), garbage)
+    out[:, valid] = x
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("programs", [STATIC_PROGRAMS, MIXED_PROGRAMS], ids=["static", "dynamic"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_prefill_and_decode_rows_equal_alone(backend, programs, side):
+    H, hkv, D, Nk = len(programs), 1, 16, 130
+    h = _handle(programs, backend=backend)
+    lens = [130, 97, 33, 1]
+    for N in (Nk, 1):  # prefill, then decode over a padded cache
+        qs, ks, vs, valid = [], [], [], []
+        alone = []
+        for n in lens:
+            pos = torch.zeros(Nk, dtype=torch.bool)
+            if side == "left":
+                pos[Nk - n:] = True
+            else:
+                pos[:n] = True
+            qn = torch.randn(H, min(n, N), D) * 3
+            kn, vn = torch.randn(hkv, n, D), torch.randn(hkv, n, D)
+            alone.append(h._attend(0, qn[None], kn[None], vn[None], None, None, None)[0])
+            ks.append(_pad(kn, pos))
+            vs.append(_pad(vn, pos))
+            qv = pos[Nk - N:]
+            if N == 1 and side == "right" and n < Nk:
+                qv = torch.zeros(1, dtype=torch.bool)  # a right-padded row's decode slot is padding
+            qs.append(_pad(qn if qv.any() else qn[:, :0], qv))
+            valid.append(pos if not (N == 1 and not qv.any()) else pos & (torch.arange(Nk) < Nk - 1))
+        q, k, v = torch.stack(qs), torch.stack(ks), torch.stack(vs)
+        mask = torch.stack(valid)
+        out = h._attend(0, q, k, v, mask, None, None)
+        assert torch.isfinite(out).all()
+        for b in range(len(lens)):
+            qv = mask[b, Nk - N:]
+            if qv.any():
+                torch.testing.assert_close(out[b][:, qv], alone[b][:, -int(qv.sum()):], **FP32_TOL)
+            assert (out[b][:, ~qv] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunked_prefill_with_padded_cache_rows_equal_alone(backend):
+    """Several queries over a cache that holds padding: the per-row path."""
+    H, hkv, D = 4, 2, 16
+    h = _handle(MIXED_PROGRAMS, backend=backend, heads=H)
+    Nk, N = 150, 37
+    lens = [150, 120]
+    qs, ks, vs, masks, alone = [], [], [], [], []
+    for n in lens:
+        pos = torch.zeros(Nk, dtype=torch.bool)
+        pos[Nk - n:] = True
+        qn = torch.randn(H, N, D) * 3
+        kn, vn = torch.randn(hkv, n, D), torch.randn(hkv, n, D)
+        alone.append(h._attend(0, qn[None], kn[None], vn[None], None, None, None)[0])
+        qs.append(qn)
+        ks.append(_pad(kn, pos))
+        vs.append(_pad(vn, pos))
+        masks.append(pos)
+    out = h._attend(0, torch.stack(qs), torch.stack(ks), torch.stack(vs), torch.stack(masks), None, None)
+    for b in range(2):
+        torch.testing.assert_close(out[b], alone[b], **FP32_TOL)
+
+
+def test_short_and_sliding_calls_are_dense():
+    H, D = 4, 16
+    art = Artifact(programs=STATIC_PROGRAMS, head_program=np.arange(4, dtype=np.int32)[None], block_size=16)
+    h = DamHandle(None, art, RuntimeConfig(backend="reference", min_length=200))
+    q, k, v = torch.randn(1, H, 150, D), torch.randn(1, 2, 150, D), torch.randn(1, 2, 150, D)
+    dense = reference_attention(q, k, v, [STATIC_PROGRAMS[1]] * 4, 16)
+    torch.testing.assert_close(h._attend(0, q, k, v, None, None, None).double(), dense, **FP32_TOL)
+    h2 = DamHandle(None, art, RuntimeConfig(backend="reference", min_length=1))
+    out = h2._attend(0, q, k, v, None, None, 10)  # sliding window 10 < 150: dense + window
+    i, j = torch.arange(150)[:, None], torch.arange(150)[None]
+    m = (j <= i) & (i - j < 10)
+    s = (q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)) / 4
+    want = torch.softmax(s.masked_fill(~m, float("-inf")), -1) @ v.double().repeat_interleave(2, 1)
+    torch.testing.assert_close(out.double(), want, **FP32_TOL)
+
+
+def test_runtime_config_checks():
+    from dam.runtime import DamRuntimeError
+
+    with pytest.raises(DamRuntimeError, match="backend"):
+        RuntimeConfig(backend="gpu")
+    with pytest.raises(DamRuntimeError, match="min_length"):
+        RuntimeConfig(min_length=0)
+    with pytest.raises(DamRuntimeError, match="block_size"):
+        RuntimeConfig(block_size=48)
