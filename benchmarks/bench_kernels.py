@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import statistics
 import time
@@ -124,40 +125,42 @@ def cpu_benchmark(quick: bool, threads: int) -> dict:
     flex = torch.compile(flex_attention, dynamic=False)
     sizes = [1024, 2048] if quick else [4096, 8192, 16384]
     sweep_n = 2048 if quick else 8192
-    cases = [(n, 0.10) for n in sizes] + [
-        (sweep_n, dd) for dd in (0.05, 0.20, 0.50, 1.00)
-    ]
+    # (N, density, Hq, Hkv): H=8 at 10 %, the density sweep, SmolLM2's attention shape (GQA 3)
+    cases = [(n, 0.10, h, h) for n in sizes] + [
+        (sweep_n, dd, h, h) for dd in (0.05, 0.20, 0.50, 1.00)
+    ] + [(sweep_n, 0.10, 9, 3)]
     rounds = 3 if quick else 5
     rows, sdpa_cache, flex_compiled_for = [], {}, set()
-    for n, dens in cases:
-        q = torch.randn(1, h, n, d, generator=gen)
-        k = torch.randn(1, h, n, d, generator=gen)
-        v = torch.randn(1, h, n, d, generator=gen)
-        mask = realistic_mask(h, n // block, dens, gen)
+    for n, dens, hq, hkv in cases:
+        q = torch.randn(1, hq, n, d, generator=gen)
+        k = torch.randn(1, hkv, n, d, generator=gen)
+        v = torch.randn(1, hkv, n, d, generator=gen)
+        mask = realistic_mask(hq, n // block, dens, gen)  # one layout row per query head
         layout = BlockLayout.from_block_mask(mask, block, block)
         bmask = flex_block_mask(mask, block, q.device)
         fns = {
             "ours": partial(block_sparse_attention, q, k, v, layout, backend="cpu"),
-            "flex": partial(flex, q, k, v, block_mask=bmask),
+            "flex": partial(flex, q, k, v, block_mask=bmask, enable_gqa=hq != hkv),
         }
         first = {"ours": _first_call(fns["ours"])}
-        if n not in flex_compiled_for:
+        if (n, hq) not in flex_compiled_for:
             first["flex"] = _first_call(fns["flex"])  # includes the compile for this shape
-            flex_compiled_for.add(n)
+            flex_compiled_for.add((n, hq))
         else:
             first["flex"] = None
             fns["flex"]()
-        if n not in sdpa_cache:
-            fns["sdpa"] = partial(F.scaled_dot_product_attention, q, k, v, is_causal=True)
+        if (n, hq) not in sdpa_cache:
+            fns["sdpa"] = partial(F.scaled_dot_product_attention, q, k, v, is_causal=True,
+                                  enable_gqa=hq != hkv)
             fns["sdpa"]()
         med, cpu = _time_cpu(fns, rounds)
         if "sdpa" in med:
-            sdpa_cache[n] = (med["sdpa"], cpu["sdpa"])
-        med["sdpa"], cpu["sdpa"] = sdpa_cache[n]
+            sdpa_cache[(n, hq)] = (med["sdpa"], cpu["sdpa"])
+        med["sdpa"], cpu["sdpa"] = sdpa_cache[(n, hq)]
         err = (fns["ours"]() - fns["flex"]()).abs().max().item()
         ed = element_density(mask, block)
         row = {
-            "N": n, "density_target": dens, "density": round(ed, 4),
+            "N": n, "density_target": dens, "density": round(ed, 4), "Hq": hq, "Hkv": hkv,
             "sdpa_s": med["sdpa"], "ours_s": med["ours"], "flex_s": med["flex"],
             "ours_first_call_s": first["ours"], "flex_first_call_s": first["flex"],
             "ours_over_sdpa": med["ours"] / med["sdpa"],
@@ -171,34 +174,39 @@ def cpu_benchmark(quick: bool, threads: int) -> dict:
         }
         rows.append(row)
         log.info(
-            "CPU N=%5d density=%.3f  sdpa %.4fs  ours %.4fs (%.2fx dens)  flex %.4fs (%.2fx dens)"
+            "CPU N=%5d Hq=%d Hkv=%d density=%.3f  sdpa %.4fs  ours %.4fs (%.2fx dens)  flex %.4fs (%.2fx dens)"
             "  ours/flex %.2fx  first call: ours %.2fs flex %s  |diff| %.1e"
             "  [CPU time: ours %.2fx dens, flex %.2fx dens]",
-            n, ed, med["sdpa"], med["ours"], row["ours_over_sdpa_per_density"], med["flex"],
+            n, hq, hkv, ed, med["sdpa"], med["ours"], row["ours_over_sdpa_per_density"], med["flex"],
             row["flex_over_sdpa_per_density"], row["speedup_vs_flex"], first["ours"],
             "n/a" if first["flex"] is None else f"{first['flex']:.1f}s", err,
             row["cpu_time_ours_over_sdpa_per_density"], row["cpu_time_flex_over_sdpa_per_density"],
         )
     decode = []
-    for s in ([4096] if quick else [16384, 32768]):
-        qd = torch.randn(1, h, 1, d, generator=gen)
-        kc = torch.randn(1, h, s, d, generator=gen)
-        vc = torch.randn(1, h, s, d, generator=gen)
-        nkb = s // block
-        m = realistic_mask(h, nkb, 0.10, gen)[:, :, -1:, :]  # the last query block's row
+    # caches of a multiple of the block and not (+37: what a growing HF cache looks like)
+    dec_cases = [(4096, h, h), (4096 + 37, h, h)] if quick else [
+        (16384, h, h), (32768, h, h), (32768 + 37, h, h), (8192 + 37, 9, 3)]
+    for s, hq, hkv in dec_cases:
+        qd = torch.randn(1, hq, 1, d, generator=gen)
+        kc = torch.randn(1, hkv, s, d, generator=gen)
+        vc = torch.randn(1, hkv, s, d, generator=gen)
+        nkb = -(-s // block)
+        m = realistic_mask(hq, nkb, 0.10, gen)[:, :, -1:, :]  # the last query block's row
         lay = BlockLayout.from_block_mask(m, block, block)
         lens = torch.tensor([s])
         fns = {
             "ours": partial(block_sparse_decode, qd, kc, vc, lay, cache_seqlens=lens, backend="cpu"),
-            "dense": partial(F.scaled_dot_product_attention, qd, kc, vc),
+            "dense": partial(F.scaled_dot_product_attention, qd, kc, vc, enable_gqa=hq != hkv),
         }
         for f in fns.values():
             f()
-        med, _ = _time_cpu(fns, 20)
-        decode.append({"cache": s, "density": 0.10, "dense_s": med["dense"], "ours_s": med["ours"],
-                       "speedup": med["dense"] / med["ours"]})
-        log.info("CPU decode cache=%d: dense %.5fs ours %.5fs (%.2fx)", s, med["dense"],
-                 med["ours"], med["dense"] / med["ours"])
+        med, cpu = _time_cpu(fns, 20)
+        decode.append({"cache": s, "Hq": hq, "Hkv": hkv, "density": 0.10, "dense_s": med["dense"],
+                       "ours_s": med["ours"], "speedup": med["dense"] / med["ours"],
+                       "cpu_time_s": cpu, "cpu_time_speedup": cpu["dense"] / cpu["ours"]})
+        log.info("CPU decode cache=%d Hq=%d Hkv=%d: dense %.5fs ours %.5fs (%.2fx; CPU time %.2fx)",
+                 s, hq, hkv, med["dense"], med["ours"], med["dense"] / med["ours"],
+                 cpu["dense"] / cpu["ours"])
     return {"prefill": rows, "decode": decode, "config": {
         "dtype": "float32", "B": 1, "H": h, "D": d, "block": block, "threads": threads,
         "rounds": rounds, "statistic": "median"}}
@@ -267,6 +275,7 @@ def plot(result: dict, path: Path) -> None:
 
     rows = result["prefill"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    rows = [r for r in rows if r.get("Hq", 0) == r.get("Hkv", 0)]  # the H=8 (MHA) rows
     at10 = sorted((r for r in rows if r["density_target"] == 0.10), key=lambda r: r["N"])
     ns = [r["N"] for r in at10]
     for key, label in (("sdpa_s", "dense causal SDPA"), ("flex_s", "FlexAttention (compiled)"),
@@ -312,7 +321,12 @@ def main() -> None:
         kind, stem = "GPU figure", "kernels_gpu"
     else:
         device = f"CPU: {platform.processor() or platform.machine()} ({_cpu_name()})"
+        load_before = os.getloadavg()
         res = cpu_benchmark(args.quick, args.threads)
+        # other processes on a shared machine: worker threads suffer most from oversubscription
+        res["loadavg_1_5_15"] = {"before": load_before, "after": os.getloadavg()}
+        res["env"] = {v: os.environ.get(v) for v in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
+                                                     "OMP_NUM_THREADS")}
         kind = f"CPU figure (no GPU used, {args.threads} thread{'s' if args.threads > 1 else ''})"
         stem = "kernels_cpu" if args.threads == 2 else f"kernels_cpu_{args.threads}thread"
     if args.quick:

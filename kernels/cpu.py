@@ -16,6 +16,13 @@ Prefill plan (host-side, vectorised over all (batch, head, query block) rows):
    (``aten._scaled_dot_product_flash_attention_for_cpu``, which also returns the LSE) runs
    them as one batch; results are written back with ``index_copy_``.
 
+Dense prefixes: with ``Nq == Nk`` (or non-causal), the leading query blocks of a head that keep
+every visible block (a dense head, the first rows of a wide window) run as one fused flash call
+over the head's contiguous Q/K/V prefix instead (no gathers, the kernel's big query tiles).
+
+Decode gathers the kept blocks' tokens straight from the cache (no padded or converted copy of
+the whole cache per step).
+
 GQA: when every query head of a group has the same layout rows as the group's first head (the
 usual case when the planner works per KV head), the ``g`` query heads are stacked into one
 ``[g * block_m, D]`` query tile per row, so each gathered K/V tile serves the whole group.
@@ -159,8 +166,20 @@ def attention_cpu(
         res = torch.empty((bsz, vh, nqb, gq, bm, d), dtype=cdt)
         res_lse = torch.empty((bsz, vh, nqb, gq, bm), dtype=cdt)
         out_rows, lse_rows = res.view(rows_total, rows_q * d), res_lse.view(rows_total, rows_q)
+    # dense prefixes: the leading query blocks of a head that keep every visible block (a whole
+    # dense head, or the first rows of a wide window) run as one fused flash call per head, no
+    # gathers, with the kernel's big query tiles (causal only when Nq == Nk: ATen's causal mask
+    # is top-left aligned)
+    dense_pre = None
+    if not causal or nq == nk:
+        vis = torch.clamp(qe.view(1, 1, nqb) // bn + 1, max=nkb) if causal else nkb
+        pre = (n_keep == vis).to(torch.int64).cumprod(-1)  # [B, vh, nqb]: 1 on the dense prefix
+        if bool(pre[..., 0].any()):
+            dense_pre = pre.sum(-1)  # [B, vh] query blocks in the prefix
+            n_keep = n_keep.masked_fill(pre.bool(), -1)  # neither empty nor sparse
     nonempty_mask = n_keep.reshape(-1) > 0
-    empty_rows = (~nonempty_mask).nonzero().squeeze(1)
+    empty_mask = n_keep.reshape(-1) == 0
+    empty_rows = empty_mask.nonzero().squeeze(1)
     if empty_rows.numel():
         out_rows.index_fill_(0, empty_rows, 0.0)
         if lse_rows is not None:
@@ -184,6 +203,32 @@ def attention_cpu(
         out.copy_(res.transpose(2, 3).reshape(bsz, hq, nqb * bm, d)[:, :, :nq])
         if lse is not None:
             lse.copy_(res_lse.transpose(2, 3).reshape(bsz, hq, nqb * bm)[:, :, :nq])
+    if dense_pre is not None:
+        _dense_prefixes(q, k, v, dense_pre, gq, hq // hkv, bm, causal=causal, scale=scale,
+                        out=out, lse=lse)
+
+
+def _dense_prefixes(q, k, v, dense_pre, gq, g, bm, *, causal, scale, out, lse) -> None:
+    """Rows ``[0, dense_pre[b, vh] * bm)`` of the query heads of virtual head ``vh`` keep every
+    visible key: one fused flash call per (batch entry, prefix length) over those heads."""
+    cdt = _compute_dtype(q.dtype)
+    nq, nk = q.shape[2], k.shape[2]
+    for b in range(q.shape[0]):
+        for p in torch.unique(dense_pre[b]).tolist():
+            if p == 0:
+                continue
+            vhs = (dense_pre[b] == p).nonzero().squeeze(1)
+            hs = (vhs.view(-1, 1) * gq + torch.arange(gq)).reshape(-1)  # query heads
+            kh = hs // g
+            rows = min(p * bm, nq)
+            keys = min(rows, nk) if causal else nk  # causal implies Nq == Nk here
+            qb = q[b, :, :rows].index_select(0, hs).to(cdt).unsqueeze(0)
+            kb = k[b, :, :keys].index_select(0, kh).to(cdt).unsqueeze(0)
+            vb = v[b, :, :keys].index_select(0, kh).to(cdt).unsqueeze(0)
+            o, lz = _flash()(qb, kb, vb, is_causal=causal, scale=scale)
+            out[b, :, :rows].index_copy_(0, hs, o[0].to(out.dtype))
+            if lse is not None:
+                lse[b, :, :rows].index_copy_(0, hs, lz[0].to(lse.dtype))
 
 
 def _group_mask(row_sig: list[int], bm: int, bn: int, gq: int, causal: bool, pmax: int,
@@ -213,14 +258,37 @@ def _group_mask(row_sig: list[int], bm: int, bn: int, gq: int, causal: bool, pma
     return add.repeat(gq, 1), empty
 
 
+def _unique_rows(sig: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Group the rows of an int64 ``[R, C]`` signature table: (unique rows, inverse, the row
+    order that sorts rows by group (stable), rows per group). Each column is ranked and the ranks
+    are packed into one int64 key (``torch.unique(dim=0)`` compares rows one by one: measured
+    3-4 ms per call at 4K-8K); falls back to it when the packed key would overflow."""
+    key = torch.zeros(sig.shape[0], dtype=torch.int64)
+    span = 1
+    for c in range(sig.shape[1]):
+        vals, rank = torch.unique(sig[:, c], return_inverse=True)
+        span *= vals.numel()
+        if span >= 1 << 62:
+            uniq, inv = torch.unique(sig, dim=0, return_inverse=True)
+            break
+        key = key * vals.numel() + rank
+    else:
+        _, inv = torch.unique(key, return_inverse=True)
+        uniq = None
+    order = torch.argsort(inv, stable=True)
+    counts_t = torch.bincount(inv)
+    if uniq is None:
+        starts = torch.cumsum(counts_t, 0) - counts_t
+        uniq = sig[order[starts]]
+    return uniq, inv, order, counts_t.tolist()
+
+
 def _run_groups(sig, rows, gidx, qrows, kp, vp, out_rows, lse_rows, *, bm, bn, gq, d, scale,
                 causal, pmax, cdt) -> None:
     """Run every signature group: per chunk of rows, gather Q/K/V into reused buffers, one fused
     flash call, scatter the rows' results into ``out_rows``/``lse_rows`` (may be None)."""
-    uniq, inv = torch.unique(sig, dim=0, return_inverse=True)
-    order = torch.argsort(inv, stable=True)
+    uniq, inv, order, counts = _unique_rows(sig)
     rows_sorted = rows[order]
-    counts = torch.bincount(inv, minlength=uniq.shape[0]).tolist()
     gidx_sorted = gidx.index_select(0, rows_sorted)
     itemsize = torch.finfo(cdt).bits // 8
     max_nblk = int((uniq[:, 0] + uniq[:, 1]).max())
@@ -336,7 +404,6 @@ def decode_cpu(
     hkv, smax = k_cache.shape[1], k_cache.shape[2]
     g = hq // hkv
     bn = layout.block_n
-    nkb = -(-smax // bn)
     cdt = _compute_dtype(q.dtype)
     layout.validate(smax)
     lens = cache_seqlens.to("cpu", torch.int64)
@@ -358,12 +425,10 @@ def decode_cpu(
     res_lse = torch.full((rows_total, gq), float("-inf"), dtype=cdt)
     rows = (n_keep > 0).nonzero().squeeze(1)
     if rows.numel():
-        kp = _pad_rows(k_cache, nkb * bn, cdt).view(bsz * hkv * nkb, bn * d)
-        vp = _pad_rows(v_cache, nkb * bn, cdt).view(bsz * hkv * nkb, bn * d)
         qr = q.to(cdt).reshape(rows_total, gq, d)
         hk = torch.arange(vh) // (1 if shared else g)
-        base = (torch.arange(bsz).view(-1, 1) * hkv + hk.view(1, -1)) * nkb
-        gidx = (idx.clamp_min(0) + base.unsqueeze(-1)).reshape(rows_total, mb)
+        # first cache row of each (b, kv head) in the token-row view [B * Hkv * S_max, D]
+        base = ((torch.arange(bsz).view(-1, 1) * hkv + hk.view(1, -1)) * smax).reshape(rows_total)
         kpos = kstart.clamp_min(0).reshape(rows_total, mb)
         rlen = lens.view(bsz, 1).expand(bsz, vh).reshape(rows_total)
         # rows by kept count, largest first (chunk sizing), so chunks pad little; >= 1 per thread
@@ -378,7 +443,9 @@ def decode_cpu(
             n = min(chunk, rows.numel() - c0)
             tasks.append((c0, n, nmax))
             c0 += n
-        ctx = dict(rows=rows, n_keep=n_keep, gidx=gidx, kpos=kpos, rlen=rlen, kp=kp, vp=vp, qr=qr,
+        ctx = dict(rows=rows, n_keep=n_keep, base=base, kpos=kpos, rlen=rlen,
+                   kt=_token_rows(k_cache), vt=_token_rows(v_cache), k_cache=k_cache, v_cache=v_cache,
+                   smax=smax, qr=qr,
                    res=res, res_lse=res_lse, bn=bn, d=d, gq=gq, cdt=cdt, scale=scale)
         work = sum(t[1] * t[2] for t in tasks) * 2 * bn * d * itemsize
         _run_tasks(tasks, ctx, _decode_task, work)
@@ -387,20 +454,39 @@ def decode_cpu(
     lse.copy_(res_lse.view(bsz, hq, 1))
 
 
+def _token_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """x [B, H, S, D] as a view [B * H * S, D] (one row per token), or None when its strides
+    do not allow one (then the decode gathers with advanced indexing)."""
+    try:
+        return x.view(-1, x.shape[-1])
+    except RuntimeError:
+        return None
+
+
 def _decode_task(task, ctx, bufs) -> None:
+    """Gather the kept blocks' tokens of R rows straight from the cache (no padded or converted
+    copy of the whole cache: decode touches only what it keeps), one fused flash call."""
     c0, R, nmax = task
-    bn, d, gq = ctx["bn"], ctx["d"], ctx["gq"]
+    bn, d, gq, cdt, smax = ctx["bn"], ctx["d"], ctx["gq"], ctx["cdt"], ctx["smax"]
     L = nmax * bn
     rr = ctx["rows"][c0 : c0 + R]
-    bidx = ctx["gidx"].index_select(0, rr)[:, :nmax].reshape(-1)
-    kg = ctx["kp"].index_select(0, bidx).view(R, 1, L, d)
-    vg = ctx["vp"].index_select(0, bidx).view(R, 1, L, d)
     keys = (ctx["kpos"].index_select(0, rr)[:, :nmax].unsqueeze(-1) + torch.arange(bn)).view(R, L)
     ok = keys < ctx["rlen"].index_select(0, rr).unsqueeze(1)
     slot_ok = torch.arange(nmax) < ctx["n_keep"].index_select(0, rr).unsqueeze(1)
     ok &= slot_ok.repeat_interleave(bn, 1)
-    am = torch.zeros((R, 1, 1, L), dtype=ctx["cdt"]).masked_fill_(~ok.view(R, 1, 1, L), float("-inf"))
+    tok = keys.clamp_(max=smax - 1)  # keys past S_max are masked (cache_seqlens <= S_max)
+    base = ctx["base"].index_select(0, rr)
+    kv = []
+    for name, flat in (("k", ctx["kt"]), ("v", ctx["vt"])):
+        if flat is not None:
+            x = flat.index_select(0, (tok + base.unsqueeze(1)).view(-1))
+        else:  # strides that no token-row view covers: index the 4-D cache directly
+            src = ctx["k_cache" if name == "k" else "v_cache"]
+            bh = base // smax
+            x = src[(bh // src.shape[1]).unsqueeze(1), (bh % src.shape[1]).unsqueeze(1), tok]
+        kv.append(x.to(cdt).view(R, 1, L, d))
+    am = torch.zeros((R, 1, 1, L), dtype=cdt).masked_fill_(~ok.view(R, 1, 1, L), float("-inf"))
     qg = ctx["qr"].index_select(0, rr).view(R, 1, gq, d)
-    o, lz = _flash()(qg, kg, vg, attn_mask=am, scale=ctx["scale"])
+    o, lz = _flash()(qg, kv[0], kv[1], attn_mask=am, scale=ctx["scale"])
     ctx["res"].index_copy_(0, rr, o.view(R, gq, d))
     ctx["res_lse"].index_copy_(0, rr, lz.view(R, gq))

@@ -95,3 +95,19 @@ def test_decode_equals_prefill_with_one_query(backend):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_decode_gpu_compiled(dtype):
     _decode_case("triton", 2, 32, 8, 32768 + 5, 64, 128, [32768 + 5, 1000], dtype, p=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_cpu_non_contiguous_cache(dtype):
+    """A cache stored [B, S, H, D] and viewed [B, H, S, D] (no token-row view): gathered by
+    advanced indexing, never copied whole; S_max not a multiple of block_n."""
+    b, hq, hkv, smax, d, bn = 2, 6, 2, 333, 64, 32
+    q = torch.randn(b, hq, 1, d, dtype=dtype)
+    kc = torch.randn(b, smax, hkv, d, dtype=dtype).transpose(1, 2)
+    vc = torch.randn(b, smax, hkv, d, dtype=dtype).transpose(1, 2)
+    layout = layout_from(mixed_block_mask(b, hq, 1, -(-smax // bn), p=0.5), 16, bn, q.device)
+    seqlens = torch.tensor([333, 100], dtype=torch.int64)
+    out, lse = block_sparse_decode(q, kc, vc, layout, cache_seqlens=seqlens, return_lse=True,
+                                   backend="cpu")
+    ro, rl = reference.decode_reference(q, kc, vc, layout, cache_seqlens=seqlens)
+    assert_close_to_reference(out, lse, ro, rl, dtype, float(vc.abs().max()))

@@ -232,3 +232,24 @@ def test_non_contiguous_inputs_and_empty_query(backend):
     empty_lay = layout_from(torch.zeros(1, hq, 0, 3, dtype=torch.bool), 32, 32, dev)
     o0, l0 = block_sparse_attention(q[:, :, :0], k, v, empty_lay, return_lse=True, backend=backend)
     assert o0.shape == (b, hq, 0, d) and l0.shape == (b, hq, 0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shared_gqa", [False, True])
+@pytest.mark.parametrize("nq", [1000, 300])  # Nq == Nk (dense heads in one flash call) and not
+def test_cpu_dense_heads_mixed_with_sparse(causal, shared_gqa, nq):
+    """Dense heads and dense leading query blocks run as whole-head flash calls; the rest sparse."""
+    b, hq, hkv, nk, bm, bn, d = 2, 6, 2, 1000, 64, 32, 64
+    q, k, v = torch.randn(b, hq, nq, d), torch.randn(b, hkv, nk, d), torch.randn(b, hkv, nk, d)
+    lh = hkv if shared_gqa else hq
+    mask = mixed_block_mask(b, lh, -(-nq // bm), -(-nk // bn))
+    mask[0, 0] = True
+    mask[1, lh - 1] = True
+    mask[1, 0, :3] = True  # a dense prefix of 3 query blocks, sparse rows after it
+    if shared_gqa:
+        mask = mask.repeat_interleave(hq // hkv, dim=1)
+    lay = layout_from(mask, bm, bn, q.device)
+    out, lse = poisoned(q.shape, q.dtype, q.device), poisoned((b, hq, nq), torch.float32, q.device)
+    block_sparse_attention(q, k, v, lay, causal=causal, backend="cpu", out=out, lse_out=lse)
+    ref_out, ref_lse = reference.attention_reference(q, k, v, lay, causal=causal)
+    assert_close_to_reference(out, lse, ref_out, ref_lse, torch.float32, float(v.abs().max()))
