@@ -57,6 +57,8 @@ class CompileConfig:
     dynamic_overselect: float = 2.0
     max_slashes: int = 16
     max_verticals: int = 16
+    max_sink: int | None = None
+    block_slashes: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -77,7 +79,7 @@ class CompileConfig:
             recall=self.recall, target_length=self.target_length or profile_length,
             max_density=self.max_density, max_slashes=self.max_slashes,
             max_verticals=self.max_verticals, dynamic_overselect=self.dynamic_overselect,
-            use_dynamic=self.dynamic,
+            use_dynamic=self.dynamic, max_sink=self.max_sink, block_slashes=self.block_slashes,
         )
 
 

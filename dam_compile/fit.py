@@ -46,6 +46,8 @@ class FitParams:
     max_verticals: int = 16
     dynamic_overselect: float = 2.0
     use_dynamic: bool = True
+    max_sink: int | None = None
+    block_slashes: bool = True
 
     def __post_init__(self) -> None:
         if not (0.0 < self.recall <= 1.0):
@@ -58,6 +60,8 @@ class FitParams:
             raise ArtifactError("max_slashes and max_verticals must be >= 0")
         if not (self.dynamic_overselect >= 1.0):
             raise ArtifactError(f"dynamic_overselect must be >= 1, got {self.dynamic_overselect}")
+        if self.max_sink is not None and (isinstance(self.max_sink, bool) or self.max_sink < 0):
+            raise ArtifactError(f"max_sink must be None or >= 0 tokens, got {self.max_sink!r}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -289,6 +293,13 @@ def _head_candidates(stats: HeadStats, params: FitParams):
     n, B = stats.length, stats.block_size
     nb = -(-n // B)
     comps, masks = _shared_candidates(n, B)
+    comps = list(comps)
+    if params.max_sink is not None or not params.block_slashes:
+        cap = n if params.max_sink is None else params.max_sink
+        keep = np.array([(k != "sink" or v <= cap) and (k != "slash" or params.block_slashes)
+                         for k, v in comps], bool)
+        comps = [c for c, ok in zip(comps, keep, strict=True) if ok]
+        masks = masks[keep]
     extra: list[tuple[str, int]] = []
     if params.max_slashes > 0:
         d = stats.diag_mass.copy()
@@ -304,7 +315,7 @@ def _head_candidates(stats: HeadStats, params: FitParams):
     if extra:
         emasks = np.stack([_component_mask(c, n, B) for c in extra])
         masks = np.concatenate([masks, emasks])
-    return list(comps) + extra, masks
+    return comps + extra, masks
 
 
 def _greedy_order(stats: HeadStats, params: FitParams):

@@ -263,7 +263,7 @@ class DamHandle:
     def _sparse_uniform(self, layer, q, k, v, scale) -> torch.Tensor:
         N, Nk = q.shape[2], k.shape[2]
         planner = self.planner(layer, q.device)
-        layout = planner.plan(N, Nk, q, k)
+        layout = planner.plan(N, Nk, q, k, scale=scale)
         if self.layout_hook is not None:
             layout = self.layout_hook(layer, q, k, layout)
         if N == 1:
@@ -294,13 +294,13 @@ class DamHandle:
         planner = self.planner(layer, q.device)
         if N == 1:
             ones = torch.ones_like(lk)
-            layout = planner.plan_ragged(ones, lk.clamp(min=1), q, kc)
+            layout = planner.plan_ragged(ones, lk.clamp(min=1), q, kc, scale=scale)
             out = _kernels.sparse_decode(q, kc, vc, layout, cache_seqlens=lk.clamp(min=1).to(torch.int32),
                                          scale=scale, backend=self.config.backend)
             return _zero_pad_rows(out, valid_q)
         oq = torch.argsort((~valid_q).to(torch.int8), dim=1, stable=True)
         qc = torch.gather(q, 2, oq[:, None, :, None].expand(-1, Hq, -1, D))
-        layout = planner.plan_ragged(lq, lk, qc, kc)
+        layout = planner.plan_ragged(lq, lk, qc, kc, scale=scale)
         outc = _kernels.sparse_prefill(qc, kc, vc, layout, scale=scale, backend=self.config.backend)
         out = torch.full_like(outc, float("nan"))  # every row is written by the scatter
         out.scatter_(2, oq[:, None, :, None].expand(-1, Hq, -1, outc.shape[-1]), outc)

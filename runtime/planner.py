@@ -21,8 +21,9 @@ pair ``(a, b)`` holds the offsets ``[max(0, i0 - j1), i1 - j0]``), computed with
 heads, blocks or terms: the intervals become a difference array over KV blocks (one
 ``scatter_add`` and one ``cumsum``).
 
-The dynamic part is chosen per call from mean-pooled query and key blocks: per (row, head, query
-block) the ``max(1, ceil(fraction * causal blocks))`` best-scoring causal blocks not already kept.
+The dynamic part is chosen per call from each query block's mean query scored against every key:
+per (row, head, query block) the ``max(1, ceil(fraction * causal blocks))`` causal blocks not
+already kept with the largest ``logsumexp`` over their keys of ``scale * mean(q_block) . k_j``.
 
 Lengths can differ per batch row (``q_lens``/``kv_lens`` tensors, for padded batches): row ``b``
 then gets exactly the layout it would get alone, padded to the batch's block counts; query
@@ -205,27 +206,56 @@ def dynamic_indices(
     q_lens: torch.Tensor | None,
     kv_lens: torch.Tensor | None,
     block_size: int,
+    scale: float | None = None,
+    max_elements: int = 1 << 24,
 ) -> torch.Tensor:
     """The chosen dynamic blocks: int64 ``[Bt, Hd, nqb, kmax]``, ``-1`` where none.
 
     Per (row, dynamic head, query block): the ``budget`` candidate KV blocks (``bias == 0``)
-    with the largest pooled score ``mean(q_block) . mean(k_block)`` (means over the row's own
-    queries/keys; ``None`` lengths = all rows valid). Fewer when fewer candidates remain.
+    with the largest score ``logsumexp_{j in block} (scale * mean(q_block) . k_j)``: the log of
+    the block's softmax mass for the block's mean query (up to a per-row constant). Means are over
+    the row's own queries, keys at or past ``kv_lens[b]`` are excluded (``None`` lengths = all
+    rows valid). Fewer blocks when fewer candidates remain. Scoring every key rather than a
+    mean-pooled key matters: a block whose mass sits on one or two tokens (content-placed
+    attention sinks) has an unremarkable mean key; measured on SmolLM2-135M (2K prose, layers
+    4 and 7, 10 % budget) the mean-pooled score reached 0.577 / 0.546 recall where a mass-ranked
+    oracle reaches 0.663 / 0.619 and this score 0.660 / 0.616. Cost: ``Hd * nqb * Nk * D``
+    multiply-adds per call (1/B of dense attention for those heads), in query-block chunks of at
+    most ``max_elements`` scores.
 
     Args:
         q: ``[Bt, Hq, Nq, D]`` (row ``b``'s queries are rows ``[0, q_lens[b])``).
         k: ``[Bt, Hkv, Nk, D]`` (row ``b``'s keys are ``[0, kv_lens[b])``).
+        scale: softmax scale (default ``D ** -0.5``).
     """
     B = block_size
-    Hq, Hkv = q.shape[1], k.shape[1]
+    Bt, Hq, Nk, D = k.shape[0], q.shape[1], k.shape[2], q.shape[3]
+    Hkv = k.shape[1]
     nqb, nkb = bias.shape[2], bias.shape[3]
+    scale = D ** -0.5 if scale is None else float(scale)
     dh = table.dynamic_heads
-    qp = _pool(q.index_select(1, dh), q_lens, nqb, B)  # [Bt, Hd, nqb, D] float32
-    kp = _pool(k, kv_lens, nkb, B).index_select(1, dh // (Hq // Hkv))  # [Bt, Hd, nkb, D]
-    score = torch.baddbmm(
-        bias.expand(qp.shape[0], -1, -1, -1).reshape(-1, nqb, nkb),
-        qp.reshape(-1, nqb, qp.shape[-1]), kp.reshape(-1, nkb, kp.shape[-1]).transpose(1, 2),
-    ).view(qp.shape[0], -1, nqb, nkb)
+    Hd = int(dh.shape[0])
+    qp = _pool(q.index_select(1, dh), q_lens, nqb, B) * scale  # [Bt, Hd, nqb, D] float32
+    kd = k.index_select(1, dh // (Hq // Hkv)).float()  # [Bt, Hd, Nk, D]
+    pad = nkb * B - Nk
+    kbias = torch.zeros((Bt, 1, 1, nkb * B), dtype=torch.float32, device=k.device)
+    if pad:
+        kbias[..., Nk:] = float("-inf")
+    if kv_lens is not None:
+        past = torch.arange(nkb * B, device=k.device)[None, :] >= kv_lens.to(k.device)[:, None]
+        kbias = kbias.masked_fill(past[:, None, None, :], float("-inf"))
+    if pad:
+        kd = torch.nn.functional.pad(kd, (0, 0, 0, pad))
+    step = max(1, max_elements // max(1, Bt * Hd * nkb * B))
+    parts = []
+    for c0 in range(0, nqb, step):
+        s = torch.matmul(qp[:, :, c0:c0 + step], kd.transpose(-1, -2)) + kbias  # [Bt, Hd, c, nkb*B]
+        # logsumexp per block, shifted by the row's max (cheaper than a per-block max); a block
+        # that underflows gets a finite floor, so it stays a (last-ranked) candidate
+        m = s.amax(-1, keepdim=True)
+        e = s.sub_(m).exp_().view(Bt, Hd, s.shape[2], nkb, B).sum(-1)
+        parts.append(e.clamp_(min=torch.finfo(torch.float32).tiny).log_() + m)
+    score = torch.cat(parts, 2) + bias
     kmax = min(nkb, max(1, math.ceil(table.max_fraction * nkb)))
     vals, idx = score.topk(kmax, dim=-1)
     keep = (torch.arange(kmax, device=q.device) < budget.unsqueeze(-1)) & torch.isfinite(vals)
@@ -240,6 +270,7 @@ def dynamic_block_mask(
     q_lens: torch.Tensor,
     kv_lens: torch.Tensor,
     block_size: int,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """The dynamic blocks of the dynamic heads as a mask, ``bool [Bt, Hd, nqb, nkb]``.
 
@@ -247,7 +278,7 @@ def dynamic_block_mask(
         static: bool ``[Bt or 1, H, nqb, nkb]``; q, k, q_lens, kv_lens: see :func:`dynamic_indices`.
     """
     bias, budget = dynamic_candidates(table, static, q_lens, kv_lens, block_size)
-    idx = dynamic_indices(table, bias, budget, q, k, q_lens, kv_lens, block_size)
+    idx = dynamic_indices(table, bias, budget, q, k, q_lens, kv_lens, block_size, scale)
     nkb = static.shape[-1]
     out = torch.zeros((*idx.shape[:3], nkb + 1), dtype=torch.bool, device=idx.device)
     out.scatter_(-1, torch.where(idx < 0, nkb, idx), True)
@@ -372,12 +403,14 @@ class Planner:
         kv_len: int,
         q: torch.Tensor | None = None,
         k: torch.Tensor | None = None,
+        scale: float | None = None,
     ) -> BlockLayout:
         """Layout for queries = the last ``q_len`` of ``kv_len`` positions (whole batch alike).
 
         Args:
             q: ``[Bt, Hq, q_len, D]`` and k: ``[Bt, Hkv, kv_len, D]``, needed when the layer has
                 dynamic heads (the layout then has ``Bl = Bt``; otherwise ``Bl = 1``).
+            scale: the attention's softmax scale, used by the dynamic score (default ``D ** -0.5``).
         """
         _check_lengths(q_len, kv_len)
         layout, bias, budget = self._static(q_len, kv_len)
@@ -391,7 +424,7 @@ class Planner:
             raise DamRuntimeError(
                 f"q/k hold {q.shape[2]}/{k.shape[2]} positions but q_len/kv_len are {q_len}/{kv_len}"
             )
-        dyn = dynamic_indices(self.table, bias, budget, q, k, None, None, self.block_size)
+        dyn = dynamic_indices(self.table, bias, budget, q, k, None, None, self.block_size, scale)
         return merge_layouts(layout, dyn, self.table.dynamic_heads)
 
     def plan_ragged(
@@ -400,6 +433,7 @@ class Planner:
         kv_lens: torch.Tensor,
         q: torch.Tensor,
         k: torch.Tensor,
+        scale: float | None = None,
     ) -> BlockLayout:
         """Per-row layout ``[Bt, H, ceil(Nq/B), ...]`` for a compacted padded batch.
 
@@ -419,7 +453,7 @@ class Planner:
         if not self.has_dynamic:
             return layout
         bias, budget = dynamic_candidates(self.table, mask, ql, kl, B)
-        dyn = dynamic_indices(self.table, bias, budget, q, k, ql, kl, B)
+        dyn = dynamic_indices(self.table, bias, budget, q, k, ql, kl, B, scale)
         return merge_layouts(layout, dyn, self.table.dynamic_heads)
 
 

@@ -22,7 +22,7 @@ from dam.compiler.fit import (
 )
 
 from . import synth
-from .conftest import B, N, P
+from .conftest import KNOWN, B, N, P
 
 T = 4096
 PARAMS = FitParams(recall=0.95, target_length=T, max_density=0.6)
@@ -229,6 +229,26 @@ def test_compile_figures_are_consistent(known_store, prof):
 def test_config_validation():
     for kw in ({"method": "magic"}, {"recall": 0.0}, {"recall": 1.5}, {"max_density": 0},
                {"clusters": 0}, {"clusters": "many"}, {"tau": 2.0}, {"mu": 0.0},
-               {"target_length": 0}, {"dynamic_overselect": 0.5}):
+               {"target_length": 0}, {"dynamic_overselect": 0.5}, {"max_sink": -1}):
         with pytest.raises(ArtifactError):
             CompileConfig(**kw)
+
+
+def test_positional_components_can_be_switched_off(prof):
+    """max_verticals=0, max_sink and block_slashes=False leave only components that do not depend
+    on where a calibration prompt put its content: windows, a small sink, slashes at offsets that
+    are peaks of diag_mass, and the dynamic budget. The vertical head must then go dynamic (or
+    dense), and every fit still meets the target by the compiler's own estimate."""
+    params = FitParams(recall=0.95, target_length=T, max_density=0.6, max_verticals=0, max_sink=B,
+                       block_slashes=False)
+    for h in range(len(KNOWN)):
+        fit = _fit(prof, h, params)
+        p = fit.program
+        assert p.verticals == () and p.sink <= B
+        assert all(s % B for s in p.slashes)  # diag_mass peaks, never the generic k*B block slashes
+        if not p.dense:
+            assert fit.recall_at_target >= 0.95 - 1e-9
+    v = _fit(prof, KNOWN.index("vertical517"), params).program
+    assert v.dense or v.dynamic_fraction > 0
+    s = _fit(prof, KNOWN.index("slash300"), params).program  # a real slash is still found
+    assert not s.dense and any(abs(o - 300) < B for o in s.slashes)

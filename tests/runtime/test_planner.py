@@ -107,8 +107,9 @@ def _dynamic_reference(progs, q, k, q_len, kv_len, B):
                 for kb in range(ncausal):
                     if static[a, kb]:
                         continue
-                    kmean = k[b, h // g, kb * B: min((kb + 1) * B, kv_len)].double().mean(0)
-                    cands.append((float(rows @ kmean), kb))
+                    keys = k[b, h // g, kb * B: min((kb + 1) * B, kv_len)].double()
+                    # log of the block's softmax mass for the block's mean query
+                    cands.append((float(torch.logsumexp(keys @ rows / math.sqrt(D), 0)), kb))
                 cands.sort(reverse=True)
                 for _, kb in cands[:budget]:
                     out[b, h, a, kb] = True
@@ -196,3 +197,23 @@ def test_ragged_dynamic_rows_equal_alone():
         want = alone.block_mask(-(-kl // B))[0]
         assert torch.equal(got[b, :, : -(-ql // B), : -(-kl // B)], want)
         assert not got[b, :, : -(-ql // B), -(-kl // B):].any()
+
+
+def test_dynamic_score_finds_a_single_dominant_key():
+    """A block whose mass sits on one key (a content-placed sink) has an unremarkable mean key;
+    the per-key logsumexp score must still pick it over a block of uniformly mild keys."""
+    B, D, n = 16, 8, 64
+    q = torch.zeros(1, 1, n, D)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, n, D)
+    k[0, 0, 16:32, 0] = -2.0  # block 1: one huge key among strongly negative ones (mean < 0)
+    k[0, 0, 20, 0] = 20.0
+    k[0, 0, 32:48, 0] = 0.5  # block 2: mildly positive everywhere (larger mean key)
+    prog = MaskProgram(dynamic_fraction=0.01)  # one dynamic block per query block
+    assert float(k[0, 0, 16:32, 0].mean()) < float(k[0, 0, 32:48, 0].mean())
+    layout = plan([prog], n, n, B, q=q, k=k)
+    mask = _layout_mask(layout, n)[0, 0]
+    assert mask[3, 1] and not mask[3, 2] and not mask[3, 0]  # query block 3: diagonal + block 1
+    # the true mass agrees: block 1 holds most of query 63's attention
+    p = torch.softmax((q[0, 0, 63] @ k[0, 0].T) / math.sqrt(D), 0)
+    assert p[16:32].sum() > 0.9

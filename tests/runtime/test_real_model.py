@@ -1,6 +1,17 @@
-"""SmolLM2-135M for real: artifact compiled from a small profile, 2K prompt of unseen text,
-top-1 agreement with dense >= 95 % over the last 512 positions (loose on purpose; see
-benchmarks/bench_runtime.py for the real figures)."""
+"""SmolLM2-135M for real: an artifact compiled from a small profile the test builds itself
+(builtin:mix, 4 x 2K samples), a 2K prompt of text the profile never saw (another seed and later
+windows of the stdlib stream): top-1 agreement with dense >= 95 % over the last 512 positions,
+with the runtime really sparse (measured block density < 1) and the compiler's predicted recall
+confirmed by the measured recall of the layouts the runtime ran (dam.runtime.recall).
+
+Compile settings: recall 0.99 with positional components off (no verticals, sink <= one block, no
+block-multiple slashes: they are fitted to where the calibration prompts happened to put their
+attention sinks and do not transfer). Measured here (loaded 2-core CPU, one prompt): top-1 0.973,
+KL 0.012, measured recall 0.989 (predicted 0.994), density 0.708. At recall 0.95 the top-1 is
+~0.85-0.90: SmolLM2-135M at 2K is diffuse (a per-input mass-ranked oracle at 0.95 recall per
+query block keeps 0.48 of the causal blocks for top-1 0.951 on license prose);
+see benchmarks/bench_fidelity.py and benchmarks/results/fidelity_smollm2.json.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +28,9 @@ try:
 except ImportError as exc:  # pragma: no cover - profiler/compiler not built yet
     _MISSING = f"profiler/compiler API not importable yet: {exc}"
 
+LENGTH = 2048
+COMPILE = dict(recall=0.99, target_length=LENGTH, max_verticals=0, max_sink=64, block_slashes=False)
+
 
 @pytest.fixture(scope="module")
 def smollm2():
@@ -28,27 +42,36 @@ def smollm2():
         pytest.skip(f"SmolLM2 not loadable here: {exc}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "measured top-1 0.855 (recall 0.95, density 0.28) / 0.883 (recall 0.99, density 0.46) with this "
-    "1K x 2-sample profile; a 2K x 2-sample profile gives 0.912 / 0.945 (density 0.35 / 0.58); an "
-    "element-exact sink 64 + window 512 mask gives 0.910 (no DAM code involved): SmolLM2-135M on code "
-    "needs a larger profile or higher recall to reach 95 %. The runtime agrees with the float64 "
-    "reference backend (max |dlogit| 7e-5). Lead: choose profile/compile settings, drop this mark."))
-def test_smollm2_top1_agreement(smollm2, tmp_path):
+@pytest.fixture(scope="module")
+def artifact_path(smollm2, tmp_path_factory):
+    """Profile (4 x 2K builtin:mix) and compile once per session."""
+    d = tmp_path_factory.mktemp("dam_real")
+    store = d / "p.zarr"
+    profile(ProfileConfig(model="smollm2-135m", out=str(store), data="builtin:mix", length=LENGTH,
+                          samples=4, capture_length=64, block_size=64))
+    res = compile_profile(str(store), CompileConfig(**COMPILE))
+    path = d / "a.safetensors"
+    save_artifact(res.artifact, path)
+    return path
+
+
+def test_smollm2_top1_agreement_and_measured_recall(smollm2, artifact_path):
     import dam.runtime as rt
+    from dam.compiler import load_artifact
+    from dam.runtime.recall import measure_recall, top1_agreement
 
     model, tok = smollm2
-    store = tmp_path / "p.zarr"
-    profile(ProfileConfig(model="smollm2-135m", out=str(store), data="builtin:stdlib", length=1024,
-                          samples=2, capture_length=64, block_size=64))
-    res = compile_profile(str(store), CompileConfig(recall=0.95, target_length=2048))
-    art_path = tmp_path / "a.safetensors"
-    save_artifact(res.artifact, art_path)
-    # text the profile never saw: later samples of the stream, a different seed
-    ids = calibration_samples("builtin:stdlib", tok, 2048, 1, seed=12345, start=50)
+    art = load_artifact(artifact_path)
+    # text the profile never saw: another seed (file order) and later windows of the stream
+    ids = calibration_samples("builtin:stdlib", tok, LENGTH, 1, seed=12345, start=50)
     with torch.no_grad():
-        dense = model(ids).logits[0, -512:]
-        with rt.apply(model, art_path, backend="cpu", min_length=1024):
-            sparse = model(ids).logits[0, -512:]
-    agree = (dense.argmax(-1) == sparse.argmax(-1)).float().mean().item()
-    assert agree >= 0.95, f"top-1 agreement {agree:.3f} < 0.95"
+        dense = model(ids).logits
+    with rt.apply(model, art, backend="cpu", min_length=1024) as h:
+        rep = measure_recall(model, h, ids, keep_logits=True)
+    assert rep.measured.all()  # every layer ran block-sparse (N >= min_length)
+    assert rep.mean_density < 1.0, "the artifact is dense: the test would not exercise sparsity"
+    agree = top1_agreement(dense, rep.logits, last=512)
+    assert agree >= 0.95, f"top-1 agreement {agree:.3f} < 0.95 (density {rep.mean_density:.3f})"
+    # the compiler's per-head prediction holds on unseen text (within 0.02 on the mean)
+    predicted = float(art.recall.mean())
+    assert rep.mean_recall >= predicted - 0.02, (rep.mean_recall, predicted)
