@@ -1,0 +1,57 @@
+"""``dam bench``: end-to-end prefill and decode time, DAM vs dense, plus attention-only time."""
+
+from __future__ import annotations
+
+import click
+
+from .common import one_line_errors, parse_lengths
+
+
+@click.command("bench")
+@click.argument("model")
+@click.option("--artifact", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Compiled mask artifact (.safetensors).")
+@click.option("--lengths", default="2k", show_default=True, help="Comma-separated prompt lengths.")
+@click.option("--data", default="builtin:stdlib", show_default=True, help="Source of the prompt tokens.")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0))
+@click.option("--decode-tokens", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--backend", type=click.Choice(["auto", "triton", "cpu"]), default="auto", show_default=True)
+@click.option("--min-length", default=1024, show_default=True, type=click.IntRange(min=1),
+              help="Calls attending fewer keys use dense SDPA (as in serving).")
+@click.option("--device", default=None, help="torch device (default: cuda when present, else cpu).")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the JSON here.")
+@one_line_errors
+def bench(model, artifact, lengths, data, repeats, warmup, decode_tokens, backend, min_length, device, out):
+    """Time MODEL with DAM's ARTIFACT against dense attention (GPU bf16 when present, else CPU fp32)."""
+    import json
+
+    import torch
+
+    from dam.compiler import load_artifact
+    from dam.profiler import calibration_samples, load_model
+    from dam.runtime.bench import BenchConfig
+    from dam.runtime.bench import bench as run
+
+    from ._pipeline import tqdm_progress
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    cfg = BenchConfig(repeats=repeats, warmup=warmup, decode_tokens=decode_tokens, backend=backend,
+                      min_length=min_length)
+    art = load_artifact(artifact)
+    mdl, tok = load_model(model, device=device, dtype=dtype)
+    inputs = {n: calibration_samples(data, tok, n, 1, start=64) for n in parse_lengths(lengths)}
+    progress, close = tqdm_progress("bench")
+    try:
+        report = run(mdl, art, inputs, cfg, progress=progress)
+    finally:
+        close()
+    click.echo(report.format_table())
+    if out:
+        data_out = report.to_json()
+        data_out["meta"] = {"model": model, "artifact": artifact, "data": data}
+        with open(out, "w", encoding="utf-8") as fh:
+            json.dump(data_out, fh, indent=1)
+        click.echo(f"wrote {out}")

@@ -1,0 +1,82 @@
+"""``dam eval``: DAM and baseline sparse methods against dense attention, at equal block density."""
+
+from __future__ import annotations
+
+import click
+
+from .common import one_line_errors, parse_lengths
+
+_TASKS = ("fidelity", "passkey", "kv-retrieval", "recall")
+_METHODS = ("dam", "streaming", "oracle", "minference", "dam-paper")
+
+
+def _csv(choices):
+    def convert(ctx, param, value):
+        items = tuple(v.strip() for v in str(value).split(",") if v.strip())
+        bad = [v for v in items if v not in choices]
+        if bad or not items:
+            raise click.BadParameter(f"{bad or value!r}: choose from {', '.join(choices)}")
+        return items
+
+    return convert
+
+
+@click.command("eval")
+@click.argument("model")
+@click.option("--artifact", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="DAM's compiled artifact (.safetensors).")
+@click.option("--data", default="builtin:stdlib", show_default=True,
+              help="Text source of the fidelity/recall inputs (a --data spec as in dam profile).")
+@click.option("--start", default=64, show_default=True, type=click.IntRange(min=0),
+              help="First item of the data stream used (skip what a profile of up to this many "
+                   "windows per source saw).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the data stream.")
+@click.option("--lengths", default="2k", show_default=True, help="Comma-separated lengths, e.g. 2k,4k,8k.")
+@click.option("--tasks", default=",".join(_TASKS), show_default=True, callback=_csv(_TASKS))
+@click.option("--methods", default=",".join(_METHODS), show_default=True, callback=_csv(_METHODS),
+              help="dam-paper needs --profile.")
+@click.option("--samples", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Text samples (and prompts per retrieval task) per length.")
+@click.option("--profile", "profile_store", default=None, type=click.Path(exists=True),
+              help="Profile store to compile the dam-paper baseline from.")
+@click.option("--backend", type=click.Choice(["auto", "triton", "cpu"]), default="auto", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--out", default="out/eval", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for eval.json and the PNG plots.")
+@one_line_errors
+def eval_cmd(model, artifact, data, start, seed, lengths, tasks, methods, samples, profile_store, backend,
+             device, out):
+    """Evaluate MODEL with DAM's ARTIFACT and baselines against dense attention."""
+    from dam.compiler import load_artifact
+    from dam.profiler import load_model
+    from dam.runtime.evaluate import EvalConfig, evaluate
+
+    from ._pipeline import build_samples, paper_artifact, tqdm_progress, write_report
+
+    lens = parse_lengths(lengths)
+    art = load_artifact(artifact)
+    arts = {"dam": art}
+    skipped = {}
+    methods = tuple(methods)
+    if "dam-paper" in methods:
+        if profile_store is None:
+            skipped["dam-paper"] = "needs --profile STORE (the profile to compile it from)"
+            methods = tuple(m for m in methods if m != "dam-paper")
+        else:
+            arts["dam-paper"] = paper_artifact(profile_store, max(lens))
+    if "dam" not in methods:
+        methods = ("dam", *methods)
+    cfg = EvalConfig(methods=methods, tasks=tasks, backend=backend)
+    mdl, tok = load_model(model, device=device)
+    inputs = build_samples(tok, data, lens, tasks, samples, seed=seed, start=start)
+    progress, close = tqdm_progress("eval")
+    try:
+        report = evaluate(mdl, arts, inputs, cfg, progress=progress)
+    finally:
+        close()
+    report.skipped.update(skipped)
+    meta = {"model": model, "artifact": artifact, "data": data, "start": start, "seed": seed,
+            "lengths": lens, "samples": samples, "profile": profile_store, "backend": backend, "device": device}
+    paths = write_report(report, out, meta)
+    click.echo(report.format_table())
+    click.echo("wrote " + ", ".join(paths))

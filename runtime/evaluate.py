@@ -1,0 +1,328 @@
+"""Evaluation harness: DAM and baseline sparse methods against dense attention on the same inputs.
+
+``evaluate(model, artifacts, samples, config)`` runs, per sample (``input_ids [N]``, optionally an
+answer span), one dense forward and one forward per method, each method's through
+:func:`dam.runtime.recall.measure_recall` (so recall and density are *measured* on the layouts
+the runtime really ran) and reports:
+
+* fidelity (text samples): top-1 next-token agreement with dense, mean KL(dense || method) per
+  position, perplexity and its relative change;
+* retrieval accuracy (samples with an answer span): the answer is fed after the prompt (teacher
+  forcing) and counted correct when the argmax at every answer position is the answer token, i.e.
+  greedy decoding would emit exactly the answer;
+* recall / density per layer and head (means in the table, ``[L]`` profiles in the JSON).
+
+Methods, at DAM's measured block density on the same input:
+``dam`` (the artifact), ``streaming`` (sink + window, :func:`baselines.streaming_artifact`),
+``oracle`` (per input and head, heaviest true-mass blocks reaching DAM's measured recall on that
+input), ``minference`` (vertical + slash from the last queries), and any other named artifact
+passed in (``dam-paper``). ``dense`` is always run (it is the reference).
+
+No profiler, zarr or scikit-learn here: the caller supplies token tensors and artifacts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from dam.compiler import Artifact
+
+from .baselines import MInferenceHook, OracleHook, streaming_artifact
+from .errors import DamRuntimeError
+from .integration import apply
+from .recall import measure_recall
+
+log = logging.getLogger(__name__)
+
+TASKS = ("fidelity", "passkey", "kv-retrieval", "recall")
+RUNTIME_METHODS = ("streaming", "oracle", "minference")
+METHODS = ("dam", "streaming", "oracle", "minference", "dam-paper")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What ``evaluate`` runs.
+
+    Attributes:
+        methods: method names; ``dam`` is required (the others are matched to it). Names that are
+            not runtime modes (``streaming``, ``oracle``, ``minference``) must be artifacts.
+        tasks: subset of :data:`TASKS` (what the report shows; recall is always measured).
+        backend: kernel backend for :func:`dam.runtime.apply`.
+        minference_last_q: queries the MInference-style estimate looks at.
+        max_elements: scores per chunk when computing exact attention mass.
+    """
+
+    methods: tuple[str, ...] = ("dam", "streaming", "oracle", "minference")
+    tasks: tuple[str, ...] = TASKS
+    backend: str = "auto"
+    minference_last_q: int = 64
+    max_elements: int = 1 << 24
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "methods", tuple(self.methods))
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        if "dam" not in self.methods:
+            raise DamRuntimeError("methods must include 'dam' (the baselines are matched to its density)")
+        if len(set(self.methods)) != len(self.methods) or "dense" in self.methods:
+            raise DamRuntimeError(f"methods must be distinct and not 'dense' (always run), got {self.methods}")
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad or not self.tasks:
+            raise DamRuntimeError(f"unknown tasks {bad}; choose from {', '.join(TASKS)}")
+        if self.minference_last_q < 1 or self.max_elements < 1:
+            raise DamRuntimeError("minference_last_q and max_elements must be positive")
+
+
+@dataclass(frozen=True)
+class EvalSample:
+    """One input: ``kind`` is ``"text"`` (fidelity) or a retrieval task (``"passkey"``,
+    ``"kv-retrieval"``) with the answer's token ids, fed after ``input_ids`` (LongTensor ``[N]``)."""
+
+    kind: str
+    input_ids: torch.Tensor
+    answer_ids: tuple[int, ...] = ()
+    answer: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("text", "passkey", "kv-retrieval"):
+            raise DamRuntimeError(f"sample kind must be text, passkey or kv-retrieval, got {self.kind!r}")
+        if self.input_ids.dim() != 1 or self.input_ids.numel() < 2:
+            raise DamRuntimeError(f"input_ids must be a 1-D tensor of >= 2 tokens, got {tuple(self.input_ids.shape)}")
+        if self.kind != "text" and not self.answer_ids:
+            raise DamRuntimeError(f"a {self.kind} sample needs answer_ids")
+        object.__setattr__(self, "answer_ids", tuple(int(t) for t in self.answer_ids))
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.numel())
+
+
+@dataclass
+class MethodResult:
+    """One (sample, method) run."""
+
+    method: str
+    kind: str
+    length: int
+    density: float = 1.0
+    recall: float = 1.0
+    static_recall: float = 1.0
+    min_recall: float = 1.0
+    top1: float | None = None
+    kl: float | None = None
+    nll: float | None = None
+    correct: bool | None = None
+    layer_density: list[float] = field(default_factory=list)
+    layer_recall: list[float] = field(default_factory=list)
+    head_density: list[list[float]] = field(default_factory=list)
+
+
+@dataclass
+class EvalReport:
+    """All runs plus per-(length, method) aggregates (see :meth:`rows`)."""
+
+    results: list[MethodResult]
+    methods: tuple[str, ...]
+    tasks: tuple[str, ...]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def rows(self) -> list[dict]:
+        """One dict per (length, method), means over samples; ``dense`` first per length."""
+        out = []
+        lengths = sorted({r.length for r in self.results})
+        for n in lengths:
+            dense_text = [r for r in self.results if r.length == n and r.method == "dense" and r.kind == "text"]
+            ppl_dense = math.exp(_mean([r.nll for r in dense_text])) if dense_text else None
+            for m in ("dense", *self.methods):
+                rs = [r for r in self.results if r.length == n and r.method == m]
+                if not rs:
+                    continue
+                text = [r for r in rs if r.kind == "text"]
+                row: dict = {"length": n, "method": m, "samples": len(rs),
+                             "density": _mean([r.density for r in rs]),
+                             "recall": _mean([r.recall for r in rs]),
+                             "static_recall": _mean([r.static_recall for r in rs]),
+                             "min_head_recall": min(r.min_recall for r in rs)}
+                if text and "fidelity" in self.tasks:
+                    ppl = math.exp(_mean([r.nll for r in text]))
+                    row.update(top1=_mean([r.top1 for r in text]), kl=_mean([r.kl for r in text]), ppl=ppl,
+                               ppl_dense=ppl_dense,
+                               dppl=(ppl / ppl_dense - 1.0) if ppl_dense else None)
+                for task in ("passkey", "kv-retrieval"):
+                    tr = [r for r in rs if r.kind == task]
+                    if tr and task in self.tasks:
+                        row[f"{task}_acc"] = _mean([float(bool(r.correct)) for r in tr])
+                        row[f"{task}_n"] = len(tr)
+                layers = [r.layer_density for r in rs if r.layer_density]
+                if layers:
+                    row["layer_density"] = [_mean(col) for col in zip(*layers, strict=True)]
+                    row["layer_recall"] = [_mean(col) for col in
+                                           zip(*[r.layer_recall for r in rs if r.layer_recall], strict=True)]
+                heads = [r.head_density for r in rs if r.head_density]
+                if heads:
+                    row["head_density"] = torch.tensor(heads).mean(0).tolist()
+                out.append(row)
+        return out
+
+    def to_json(self) -> dict:
+        return {"schema": "dam.eval/1", "methods": list(self.methods), "tasks": list(self.tasks),
+                "skipped": dict(self.skipped), "rows": self.rows(),
+                "runs": [{k: v for k, v in r.__dict__.items() if k not in ("head_density",)}
+                         for r in self.results]}
+
+    def format_table(self) -> str:
+        """The summary table (one line per length and method)."""
+        cols = [("length", "{:>6}"), ("method", "{:<11}"), ("density", "{:>8.4f}"), ("recall", "{:>7.4f}"),
+                ("top1", "{:>7.4f}"), ("kl", "{:>8.5f}"), ("dppl", "{:>+8.2%}"),
+                ("passkey_acc", "{:>8.2f}"), ("kv-retrieval_acc", "{:>8.2f}")]
+        heads = {"dppl": "ΔPPL", "passkey_acc": "passkey", "kv-retrieval_acc": "kv-ret"}
+        head = " ".join(f"{heads.get(c, c):>{_w(f)}}" if c != "method" else f"{c:<11}" for c, f in cols)
+        lines = [head]
+        for row in self.rows():
+            cells = []
+            for c, f in cols:
+                v = row.get(c)
+                cells.append(f.format(v) if v is not None else f"{'-':>{_w(f)}}")
+            lines.append(" ".join(cells))
+        for m, why in self.skipped.items():
+            lines.append(f"skipped {m}: {why}")
+        return "\n".join(lines)
+
+
+def _w(fmt: str) -> int:
+    import re
+
+    m = re.search(r"[<>]\+?(\d+)", fmt)
+    return int(m.group(1)) if m else 8
+
+
+def _mean(xs: Sequence[float | None]) -> float:
+    xs = [float(x) for x in xs if x is not None]
+    return float(sum(xs) / len(xs)) if xs else float("nan")
+
+
+def compare_logits(dense_logits: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor,
+                   chunk: int = 512) -> tuple[float, float, float, float]:
+    """``(top1, kl, nll, dense_nll)`` over the positions of ``[N, V]`` logits: top-1 agreement,
+    mean KL(dense || other) (nats), mean next-token NLL of ``other`` and of dense on ``ids [N]``.
+    Computed in chunks of positions, float32 log-softmax."""
+    N = ids.numel()
+    agree = kl = nll = dnll = 0.0
+    for s in range(0, N, chunk):
+        e = min(N, s + chunk)
+        ld = torch.log_softmax(dense_logits[s:e].float(), -1)
+        ls = torch.log_softmax(logits[s:e].float(), -1)
+        agree += float((ld.argmax(-1) == ls.argmax(-1)).sum())
+        kl += float((ld.exp() * (ld - ls)).sum(-1).clamp(min=0).sum())
+        tgt_end = min(e, N - 1)
+        if tgt_end > s:
+            tgt = ids[s + 1:tgt_end + 1].to(ld.device)
+            nll -= float(ls[: tgt_end - s].gather(-1, tgt[:, None]).sum())
+            dnll -= float(ld[: tgt_end - s].gather(-1, tgt[:, None]).sum())
+    return agree / N, kl / N, nll / (N - 1), dnll / (N - 1)
+
+
+def answer_correct(logits: torch.Tensor, prompt_len: int, answer_ids: Sequence[int]) -> bool:
+    """Greedy exact match of the answer span: ``logits [N + a, V]`` of prompt + answer."""
+    a = len(answer_ids)
+    pred = logits[prompt_len - 1: prompt_len - 1 + a].argmax(-1).tolist()
+    return pred == list(answer_ids)
+
+
+def _dense_forward(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids[None]).logits[0]
+
+
+def evaluate(
+    model: torch.nn.Module,
+    artifacts: dict[str, Artifact],
+    samples: Sequence[EvalSample],
+    config: EvalConfig,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalReport:
+    """Run every sample densely and with every method (see the module docstring).
+
+    Args:
+        model: a transformers causal LM (eval mode), batch 1 inputs on its device.
+        artifacts: ``"dam"`` -> DAM's artifact, plus any artifact-backed method (``"dam-paper"``).
+        samples: the inputs (text and/or retrieval prompts, any lengths).
+        config: :class:`EvalConfig`.
+        progress: ``fn(done, total)`` over (sample, method) runs.
+    """
+    if "dam" not in artifacts:
+        raise DamRuntimeError("evaluate needs artifacts['dam']")
+    for m in config.methods:
+        if m not in RUNTIME_METHODS and m not in artifacts:
+            raise DamRuntimeError(f"method {m!r} is neither a runtime mode ({', '.join(RUNTIME_METHODS)}) "
+                                  "nor a given artifact")
+    dam_art = artifacts["dam"]
+    dev = next(model.parameters()).device
+    results: list[MethodResult] = []
+    total = len(samples) * (1 + len(config.methods))
+    done = 0
+    stream_cache: dict[tuple[int, float], Artifact] = {}
+    for sample in samples:
+        ids = sample.input_ids.to(dev)
+        full = torch.cat([ids, torch.tensor(sample.answer_ids, dtype=ids.dtype, device=dev)]) \
+            if sample.kind != "text" else ids
+        n = sample.length
+        dense_logits = _dense_forward(model, full)
+        base = MethodResult("dense", sample.kind, n)
+        if sample.kind == "text":
+            base.top1, base.kl, base.nll, _ = compare_logits(dense_logits, dense_logits, ids)
+        else:
+            base.correct = answer_correct(dense_logits, n, sample.answer_ids)
+        results.append(base)
+        done += 1
+        if progress:
+            progress(done, total)
+        target: dict[str, float] = {}
+        for m in order_methods(config.methods):  # "dam" first: the others are matched to it
+            art = artifacts.get(m, dam_art)
+            hook = None
+            if m == "streaming":
+                key = (full.numel(), round(target["density"], 6))
+                if key not in stream_cache:
+                    stream_cache[key] = streaming_artifact(dam_art, full.numel(), target["density"])
+                art = stream_cache[key]
+            with apply(model, art, backend=config.backend, min_length=1) as handle:
+                if m == "oracle":
+                    hook = OracleHook(handle, target["recall"], config.max_elements)
+                elif m == "minference":
+                    hook = MInferenceHook(handle, target["density"], config.minference_last_q)
+                handle.layout_hook = hook
+                rep = measure_recall(model, handle, full[None], keep_logits=True, max_elements=config.max_elements)
+            logits = rep.logits[0]
+            r = MethodResult(m, sample.kind, n, density=rep.mean_density, recall=rep.mean_recall,
+                             static_recall=rep.mean_static_recall,
+                             min_recall=float(rep.recall[rep.measured].min()),
+                             layer_density=rep.density.mean(1).tolist(),
+                             layer_recall=rep.recall.mean(1).tolist(),
+                             head_density=rep.density.tolist())
+            if m == "dam":
+                target = {"density": r.density, "recall": min(r.recall, 1.0)}
+            if sample.kind == "text":
+                r.top1, r.kl, r.nll, _ = compare_logits(dense_logits, logits, ids)
+            else:
+                r.correct = answer_correct(logits, n, sample.answer_ids)
+            log.info("%s %s N=%d: density %.4f recall %.4f top1 %s", m, sample.kind, n, r.density, r.recall,
+                     f"{r.top1:.4f}" if r.top1 is not None else "-")
+            results.append(r)
+            del logits, rep
+            done += 1
+            if progress:
+                progress(done, total)
+    return EvalReport(results, tuple(order_methods(config.methods)), config.tasks)
+
+
+def order_methods(methods: Sequence[str]) -> list[str]:
+    return ["dam"] + [m for m in methods if m != "dam"]
+
+
+__all__ = ["METHODS", "RUNTIME_METHODS", "TASKS", "EvalConfig", "EvalReport", "EvalSample", "MethodResult",
+           "answer_correct", "compare_logits", "evaluate"]

@@ -1,0 +1,83 @@
+"""`dam eval` and `dam bench` on a tiny local model with SmolLM2's tokenizer (no network)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+
+from dam.cli.main import main
+from dam.compiler import save_artifact
+from tests.runtime._helpers import MIXED_PROGRAMS, make_artifact
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, dam_cache):
+    os.environ["DAM_CACHE"] = dam_cache
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from dam.profiler.models import converted_dir, load_model
+
+    if not (converted_dir("smollm2-135m") / "tokenizer.json").is_file():
+        load_model("smollm2-135m")  # converts once into the cache
+    d = tmp_path_factory.mktemp("tiny_eval")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    LlamaForCausalLM(cfg).save_pretrained(d / "model")
+    AutoTokenizer.from_pretrained(str(converted_dir("smollm2-135m"))).save_pretrained(d / "model")
+    save_artifact(make_artifact(cfg, MIXED_PROGRAMS, block_size=16), d / "art.safetensors")
+    (d / "text.txt").write_text(" ".join(f"word{i % 97} and number {i}." for i in range(3000)))
+    return d
+
+
+def test_eval_writes_table_json_and_plots(tiny_dir, tmp_path):
+    out = tmp_path / "ev"
+    r = CliRunner().invoke(main, [
+        "eval", str(tiny_dir / "model"), "--artifact", str(tiny_dir / "art.safetensors"),
+        "--data", str(tiny_dir / "text.txt"), "--start", "1", "--lengths", "200,300", "--backend", "cpu",
+        "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "skipped dam-paper: needs --profile" in r.output
+    for name in ("eval.json", "eval_fidelity.png", "eval_density_recall.png", "eval_layer_density.png"):
+        assert (out / name).stat().st_size > 0, name
+    data = json.loads((out / "eval.json").read_text())
+    got = {(row["length"], row["method"]) for row in data["rows"]}
+    assert got == {(n, m) for n in (200, 300) for m in ("dense", "dam", "streaming", "oracle", "minference")}
+    for row in data["rows"]:
+        assert 0 < row["density"] <= 1 and 0 < row["recall"] <= 1 + 1e-9
+        assert 0 <= row["top1"] <= 1 and row["passkey_acc"] in (0.0, 1.0) and "kv-retrieval_acc" in row
+    assert data["meta"]["lengths"] == [200, 300]
+    for line in ("dense", "dam", "streaming", "oracle", "minference"):
+        assert f" {line}" in r.output
+
+
+def test_eval_options_and_errors(tiny_dir, tmp_path):
+    base = ["eval", str(tiny_dir / "model"), "--artifact", str(tiny_dir / "art.safetensors"),
+            "--data", str(tiny_dir / "text.txt"), "--lengths", "160", "--backend", "cpu"]
+    r = CliRunner().invoke(main, [*base, "--tasks", "fidelity", "--methods", "streaming",
+                                  "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "a" / "eval.json").read_text())["rows"]
+    assert {row["method"] for row in rows} == {"dense", "dam", "streaming"}  # dam always added
+    assert not any("passkey_acc" in row for row in rows)
+    bad = CliRunner().invoke(main, [*base, "--tasks", "nope"])
+    assert bad.exit_code != 0 and "choose from" in bad.output
+    missing = CliRunner().invoke(main, [*base, "--data", "/no/such/file.txt", "--out", str(tmp_path / "b")])
+    assert missing.exit_code == 1 and "Error: ProfileError" in missing.output
+
+
+def test_bench_command(tiny_dir, tmp_path):
+    out = tmp_path / "b.json"
+    r = CliRunner().invoke(main, [
+        "bench", str(tiny_dir / "model"), "--artifact", str(tiny_dir / "art.safetensors"),
+        "--data", str(tiny_dir / "text.txt"), "--lengths", "128", "--repeats", "1", "--warmup", "0",
+        "--decode-tokens", "2", "--min-length", "1", "--backend", "cpu", "--device", "cpu", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "prefill dense" in r.output and "cpu, float32" in r.output
+    data = json.loads(out.read_text())
+    row = data["rows"][0]
+    assert row["length"] == 128 and row["prefill_dense_s"] > 0 and row["attn_dam_s"] > 0
