@@ -129,15 +129,17 @@ def test_ctrl_c_flushes_completed_samples(tmp_path, tiny_model_dir):
 
     out = tmp_path / "c.zarr"
     cmd = [sys.executable, "-m", "dam.cli.main", "profile", tiny_model_dir, "--data",
-           "builtin:passkey", "--length", "160", "--samples", "400", "--capture-length", "24",
+           "builtin:passkey", "--length", "1024", "--samples", "2000", "--capture-length", "24",
            "--block-size", "16", "--flush-seconds", "100000", "--out", str(out)]
+    # long enough (~35 ms a sample here, over a minute in all) that the run cannot finish
+    # between the test seeing progress and the signal arriving
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     seen, done = b"", 0
     try:
         deadline = time.time() + 120
         while done < 2 and time.time() < deadline and proc.poll() is None:
             seen += os.read(proc.stderr.fileno(), 4096)
-            counts = re.findall(rb"(\d+)/400", seen)
+            counts = re.findall(rb"(\d+)/2000", seen)
             done = int(counts[-1]) if counts else 0
         assert done >= 2, seen[-2000:]
         assert not out.exists()  # nothing flushed yet: only Ctrl-C can write it
@@ -148,9 +150,9 @@ def test_ctrl_c_flushes_completed_samples(tmp_path, tiny_model_dir):
         proc.wait()
     assert proc.returncode != 0
     st = read_store(out)[1]
-    assert done <= st.count < 400
+    assert done <= st.count < 2000
     ref = tmp_path / "ref.zarr"
-    profile(_cfg(tiny_model_dir, ref, data="builtin:passkey", samples=st.count))
+    profile(_cfg(tiny_model_dir, ref, data="builtin:passkey", length=1024, samples=st.count))
     _assert_same(st, read_store(ref)[1])
 
 
