@@ -133,7 +133,10 @@ def test_ctrl_c_flushes_completed_samples(tmp_path, tiny_model_dir):
            "--block-size", "16", "--flush-seconds", "100000", "--out", str(out)]
     # long enough (~35 ms a sample here, over a minute in all) that the run cannot finish
     # between the test seeing progress and the signal arriving
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # a shell that starts jobs in the background (as CI may) leaves SIGINT ignored, and children
+    # inherit that; restore the default so the child installs Python's KeyboardInterrupt handler
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen, done = b"", 0
     try:
         deadline = time.time() + 120
