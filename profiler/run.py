@@ -133,46 +133,49 @@ def profile(config: ProfileConfig, progress: Callable[[int, int], None] | None =
             dist.destroy_process_group()
 
 
-def _profile(config, progress, model_and_tokenizer, rank, world, dist) -> ProfileSummary:
-    out = config.out
-    decision: list = [None, None, 0]
-    if rank == 0:  # cheap checks first, before spending seconds on loading the model
-        try:
-            if _store.exists(out):
-                if config.overwrite or config.resume:
-                    _store.read_attrs(out)  # refuse to touch something that is not a DAM store
-                else:
-                    raise ProfileError(f"{out} already exists; pass --resume to add samples up to "
-                                       "--samples, or --overwrite to replace it")
-        except ProfileError as exc:
-            decision = [str(exc), None, 0]
-    if dist is not None:
-        dist.broadcast_object_list(decision, src=0)
-    if decision[0] is not None:
-        raise ProfileError(decision[0])
-    model, tok = model_and_tokenizer or load_model(config.model, dtype=config.dtype, device=config.device)
-    # rank 0 decides where the run starts; every rank learns it (or the error) by broadcast
+def _rank0_decides(rank: int, dist, decide: Callable[[], object]) -> object:
+    """Run ``decide()`` on rank 0 and broadcast its result, or its ProfileError, to every rank."""
+    decision: list = [None, None]
     if rank == 0:
         try:
-            old_attrs, total = None, None
-            if config.resume and _store.exists(out):
-                old_attrs, total = _store.read_store(out)
-                diffs = _store.resume_mismatches(old_attrs, _attrs(config, model, None, 0))
-                if diffs:
-                    raise ProfileError(f"cannot resume {out}: " + "; ".join(diffs)
-                                       + ". Use the same settings, or write a new store with --out")
-            decision = [None, old_attrs, total.count if total is not None else 0]
+            decision = [None, decide()]
         except ProfileError as exc:
-            decision = [str(exc), None, 0]
+            decision = [str(exc), None]
     if dist is not None:
         dist.broadcast_object_list(decision, src=0)
     if decision[0] is not None:
         raise ProfileError(decision[0])
-    old_attrs, start = decision[1], int(decision[2])
-    if rank == 0 and config.resume and old_attrs is not None:
-        total = _store.read_store(out)[1]
-    else:
-        total = None
+    return decision[1]
+
+
+def _profile(config, progress, model_and_tokenizer, rank, world, dist) -> ProfileSummary:
+    out = config.out
+
+    def check_out() -> None:  # cheap checks first, before spending seconds on loading the model
+        if _store.exists(out):
+            if config.overwrite or config.resume:
+                _store.read_attrs(out)  # refuse to touch something that is not a DAM store
+            else:
+                raise ProfileError(f"{out} already exists; pass --resume to add samples up to "
+                                   "--samples, or --overwrite to replace it")
+
+    _rank0_decides(rank, dist, check_out)
+    model, tok = model_and_tokenizer or load_model(config.model, dtype=config.dtype, device=config.device)
+    total = None  # rank 0 keeps the stored sums it resumes from; other ranks start from zero
+
+    def read_resume() -> tuple[dict | None, int]:
+        nonlocal total
+        if not (config.resume and _store.exists(out)):
+            return None, 0
+        old, total = _store.read_store(out)
+        diffs = _store.resume_mismatches(old, _attrs(config, model, None, 0))
+        if diffs:
+            raise ProfileError(f"cannot resume {out}: " + "; ".join(diffs)
+                               + ". Use the same settings, or write a new store with --out")
+        return old, total.count
+
+    # rank 0 decides where the run starts; every rank learns it (or the error) by broadcast
+    old_attrs, start = _rank0_decides(rank, dist, read_resume)
 
     todo = max(0, config.samples - start)
     if todo == 0:
