@@ -69,6 +69,14 @@ def plot_report(rows: list[dict], out_dir: str, prefix: str = "eval") -> list[st
     import numpy as np
 
     paths = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{prefix}_{name}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+
     methods = list(dict.fromkeys(r["method"] for r in rows))
     lengths = sorted({r["length"] for r in rows})
     by = {(r["method"], r["length"]): r for r in rows}
@@ -85,11 +93,7 @@ def plot_report(rows: list[dict], out_dir: str, prefix: str = "eval") -> list[st
                 ax.set_xscale("log", base=2)
     axes[0].legend(fontsize=8)
     fig.suptitle("fidelity vs length (same inputs, equal block density)")
-    fig.tight_layout()
-    p = os.path.join(out_dir, f"{prefix}_fidelity.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    save(fig, "fidelity")
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for m in methods:
@@ -102,11 +106,7 @@ def plot_report(rows: list[dict], out_dir: str, prefix: str = "eval") -> list[st
     ax.set_ylabel("attention-mass recall (measured)")
     ax.legend(fontsize=8)
     ax.set_title("density vs recall")
-    fig.tight_layout()
-    p = os.path.join(out_dir, f"{prefix}_density_recall.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    save(fig, "density_recall")
 
     dam_rows = [by[("dam", n)] for n in lengths if ("dam", n) in by and "head_density" in by[("dam", n)]]
     if dam_rows:
@@ -118,11 +118,7 @@ def plot_report(rows: list[dict], out_dir: str, prefix: str = "eval") -> list[st
         ax.set_ylabel("layer")
         ax.set_title(f"DAM block density per layer/head at {r['length']} tokens")
         fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        p = os.path.join(out_dir, f"{prefix}_layer_density.png")
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        save(fig, "layer_density")
     return paths
 
 
