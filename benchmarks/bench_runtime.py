@@ -52,6 +52,7 @@ def main() -> None:
     from dam.compiler import load_artifact
     from dam.kernels import block_sparse_attention
     from dam.profiler import calibration_samples, load_model
+    from dam.runtime.evaluate import compare_logits
 
     n = _len(args.length)
     model, tok = load_model(args.model, device=args.device)
@@ -78,14 +79,11 @@ def main() -> None:
                     lay = h.planner(layer, args.device).plan(n, n, *_qk(model, layer, n, args.device))
                     nkb = -(-n // lay.block_n)
                     planner_density.append(float(lay.kv_counts.double().sum() / (lay.batch * lay.heads * nkb * (nkb + 1) / 2)))
-        lp_d, lp_s = F.log_softmax(dense[:-1], -1), F.log_softmax(sparse[:-1], -1)
-        tgt = ids[0, 1:]
-        nll_d = -lp_d.gather(-1, tgt[:, None]).mean().item()
-        nll_s = -lp_s.gather(-1, tgt[:, None]).mean().item()
+        top1, kl, nll_s, nll_d = compare_logits(dense, sparse, ids[0])
         row = dict(
             prompt=p,
-            top1=(dense.argmax(-1) == sparse.argmax(-1)).float().mean().item(),
-            kl=(lp_d.exp() * (lp_d - lp_s)).sum(-1).mean().item(),
+            top1=top1,
+            kl=kl,
             ppl_dense=math.exp(nll_d), ppl_dam=math.exp(nll_s),
             dppl_pct=100 * (math.exp(nll_s) / math.exp(nll_d) - 1),
             density=sum(planner_density) / len(planner_density),
