@@ -37,10 +37,27 @@ def _clusters(text: str | None):
 @click.option("--mu", default=0.5, show_default=True, type=float, help="dam-paper coverage μ.")
 @click.option("--dynamic/--no-dynamic", default=True, show_default=True,
               help="Allow content-selected (dynamic) block budgets.")
+@click.option("--objective", type=click.Choice(["auto", "mass", "error"]), default="auto", show_default=True,
+              help="What programs must recall: attention mass, or the value-aware block weight "
+                   "(how much each block moves the head's output); auto: error when the store has it.")
+@click.option("--allocate", type=click.Choice(["head", "global"]), default="head", show_default=True,
+              help="head: every head meets --recall; global: the mean over heads meets it at the least "
+                   "mean density (cheap local heads go above it, diffuse heads below).")
+@click.option("--min-head-recall", default=0.0, show_default=True, type=float,
+              help="With --allocate global: no head below this estimated recall.")
+@click.option("--max-verticals", default=16, show_default=True, type=click.IntRange(min=0),
+              help="Vertical columns per program (0: none; they sit at profiled positions).")
+@click.option("--max-slashes", default=16, show_default=True, type=click.IntRange(min=0),
+              help="Element-offset slashes per program.")
+@click.option("--max-sink", default=None, type=click.IntRange(min=0),
+              help="Largest sink in tokens (default: any).")
+@click.option("--block-slashes/--no-block-slashes", default=True, show_default=True,
+              help="Allow block-multiple slash offsets as candidates.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Clustering seed.")
 @one_line_errors
 def compile_cmd(store, out, recall, method, clusters, target_length, max_density, share_kv_groups,
-                tau, mu, dynamic, seed):
+                tau, mu, dynamic, objective, allocate, min_head_recall, max_verticals, max_slashes, max_sink,
+                block_slashes, seed):
     """Compile the profile STORE (.zarr) into a mask artifact (.safetensors)."""
     import time
 
@@ -52,6 +69,8 @@ def compile_cmd(store, out, recall, method, clusters, target_length, max_density
         method=method, recall=recall, max_density=max_density, clusters=_clusters(clusters),
         target_length=parse_length(target_length) if target_length else None,
         share_kv_groups=share_kv_groups, tau=tau, mu=mu, dynamic=dynamic, seed=seed,
+        objective=objective, allocate=allocate, min_head_recall=min_head_recall, max_verticals=max_verticals,
+        max_slashes=max_slashes, max_sink=max_sink, block_slashes=block_slashes,
     )
     bar = tqdm(total=None, unit="head", desc="compile")
 

@@ -14,11 +14,14 @@ from .cluster import Head, assign, cluster_assignment, mean_density
 from .fit import (
     FitParams,
     HeadFit,
+    RECALL_LADDER,
     HeadStats,
+    allocate_global,
     capture_recall,
     evaluate_program,
     fit_head,
     fit_head_dam_paper,
+    fit_head_frontier,
 )
 from .ir import ArtifactError, MaskProgram
 from .profile import Profile, read_profile
@@ -26,6 +29,8 @@ from .profile import Profile, read_profile
 log = logging.getLogger(__name__)
 
 METHODS = ("recall", "dam-paper")
+ALLOCATIONS = ("head", "global")
+OBJECTIVES = ("auto", "mass", "error")
 Progress = Callable[[int, int], None]
 
 
@@ -43,6 +48,13 @@ class CompileConfig:
     tau, mu: the dam-paper threshold (on the row-normalised Box-Cox map) and coverage.
     dynamic: allow dynamic budgets.  dynamic_overselect: rho of ``fit.estimate_recall``.
     max_slashes, max_verticals: caps per program.  seed: clustering seed.
+    objective: what a program must recall: ``"mass"`` (attention mass, ``block_mass``),
+        ``"error"`` (the value-aware weight ``block_err``: how much each block moves the head's
+        output), ``"auto"`` (error when the store has it). The artifact's ``recall`` figures are
+        attention-mass recall either way.
+    allocate: ``"head"`` (every head meets ``recall``) or ``"global"`` (the *mean* over heads
+        meets ``recall`` at the least mean density, every head at least ``min_head_recall``;
+        see ``fit.allocate_global``; ``--method recall`` only, no clustering or KV sharing).
     """
 
     method: str = "recall"
@@ -60,6 +72,9 @@ class CompileConfig:
     max_sink: int | None = None
     block_slashes: bool = True
     seed: int = 0
+    allocate: str = "head"
+    min_head_recall: float = 0.0
+    objective: str = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -71,6 +86,18 @@ class CompileConfig:
             raise ArtifactError(f"clusters must be a positive int or 'auto', got {c!r}")
         if not (0.0 <= self.tau <= 1.0) or not (0.0 < self.mu <= 1.0):
             raise ArtifactError(f"tau must lie in [0, 1] and mu in (0, 1], got {self.tau}, {self.mu}")
+        if self.objective not in OBJECTIVES:
+            raise ArtifactError(f"unknown objective {self.objective!r}; use one of {OBJECTIVES}")
+        if self.allocate not in ALLOCATIONS:
+            raise ArtifactError(f"unknown allocation {self.allocate!r}; use one of {ALLOCATIONS}")
+        if self.allocate == "global":
+            if self.method != "recall":
+                raise ArtifactError("allocate='global' needs method='recall'")
+            if self.clusters is not None or self.share_kv_groups:
+                raise ArtifactError("allocate='global' cannot be combined with clusters or share_kv_groups "
+                                    "(they re-fit shared programs to one per-head target)")
+        if not 0.0 <= self.min_head_recall <= self.recall:
+            raise ArtifactError(f"min_head_recall must lie in [0, recall], got {self.min_head_recall}")
         # the remaining ranges are checked by FitParams
         self.fit_params(1)
 
@@ -95,9 +122,30 @@ class CompileResult:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-def head_stats(prof: Profile, layer: int, head: int) -> HeadStats:
-    return HeadStats(prof.block_mass[layer, head], prof.diag_mass[layer, head],
+def head_stats(prof: Profile, layer: int, head: int, weights: np.ndarray | None = None) -> HeadStats:
+    """One head's statistics; ``weights [L, H, nB, nB]`` replaces ``block_mass`` as what is recalled."""
+    bm = prof.block_mass if weights is None else weights
+    return HeadStats(bm[layer, head], prof.diag_mass[layer, head],
                      prof.col_mass[layer, head], prof.topp_blocks[layer, head], prof.block_size)
+
+
+def resolve_objective(prof: Profile, objective: str) -> str:
+    if objective == "auto":
+        return "error" if prof.block_err is not None else "mass"
+    if objective == "error" and prof.block_err is None:
+        raise ArtifactError("objective 'error' needs a profile store with block_err (written by dam profile "
+                            "since it records value-aware weights); re-profile, or use objective 'mass'")
+    return objective
+
+
+def error_weights(prof: Profile) -> np.ndarray:
+    """``block_err`` rescaled so each query block's row holds that row's attention mass: per row,
+    recalling a fraction of the weight means recalling that fraction of the row's output change
+    bound, and the length extrapolation (which weighs rows by their mass) is unchanged."""
+    E = np.asarray(prof.block_err, np.float64)
+    rows = prof.block_mass.sum(-1, keepdims=True)
+    tot = E.sum(-1, keepdims=True)
+    return np.where(tot > 0, E / np.where(tot > 0, tot, 1.0) * rows, prof.block_mass)
 
 
 def _tool_version() -> str:
@@ -124,19 +172,28 @@ def compile_profile(
         raise ArtifactError(f"profile block size {B} is not a power of two >= 16; re-profile")
     params = config.fit_params(N)
     heads: list[Head] = [(layer, h) for layer in range(L) for h in range(H)]
-    stats = {(layer, h): head_stats(prof, layer, h) for layer, h in heads}
+    objective = resolve_objective(prof, config.objective) if config.method == "recall" else "mass"
+    stats = {(layer, h): head_stats(prof, layer, h) for layer, h in heads}  # mass: the figures
+    weights = error_weights(prof) if objective == "error" else None
+    fstats = stats if weights is None else {(layer, h): head_stats(prof, layer, h, weights) for layer, h in heads}
     total = len(heads) + 1
     fits: dict[Head, HeadFit] = {}
+    ladder = tuple(sorted({*(r for r in RECALL_LADDER if r >= config.min_head_recall), config.recall}))
+    frontiers: list[list[HeadFit]] = []
     for layer in range(L):
         attn = prof.attn_mean(layer) if config.method == "dam-paper" else None
         for h in range(H):
             if attn is not None:
                 prog = fit_head_dam_paper(attn[h], config.tau, config.mu)
                 fits[(layer, h)] = evaluate_program(prog, stats[(layer, h)], params)
+            elif config.allocate == "global":
+                frontiers.append(fit_head_frontier(fstats[(layer, h)], params, ladder))
             else:
-                fits[(layer, h)] = fit_head(stats[(layer, h)], params)
+                fits[(layer, h)] = fit_head(fstats[(layer, h)], params)
             if progress:
                 progress(layer * H + h + 1, total)
+    if frontiers:
+        fits = dict(zip(heads, allocate_global(frontiers, config.recall, config.min_head_recall), strict=True))
     base = {hd: f.program for hd, f in fits.items()}
     d_head = mean_density(base, params, B)
     d_kv = d_cl = None
@@ -148,19 +205,19 @@ def compile_profile(
     if config.share_kv_groups and kv < H:
         r = H // kv
         units = [[(layer, g * r + i) for i in range(r)] for layer in range(L) for g in range(kv)]
-        base = assign(units, stats, fits, params)
+        base = assign(units, fstats, fits, params)
         d_kv = mean_density(base, params, B)
     if config.clusters is not None:
-        base, n_clusters = cluster_assignment(base, stats, params, units, config.clusters,
+        base, n_clusters = cluster_assignment(base, fstats, params, units, config.clusters,
                                               config.seed, B)
         d_cl = mean_density(base, params, B)
-    art = _build_artifact(prof, config, params, base, stats, d_head, d_kv, d_cl, n_clusters)
+    art = _build_artifact(prof, config, params, base, stats, d_head, d_kv, d_cl, n_clusters, objective)
     if progress:
         progress(total, total)
     return CompileResult(art, d_head, d_kv, d_cl, n_clusters)
 
 
-def _build_artifact(prof, config, params, assignment, stats, d_head, d_kv, d_cl, n_clusters):
+def _build_artifact(prof, config, params, assignment, stats, d_head, d_kv, d_cl, n_clusters, objective):
     L, H, B = prof.num_layers, prof.num_heads, prof.block_size
     table: list[MaskProgram] = []
     index: dict[MaskProgram, int] = {}
@@ -191,6 +248,7 @@ def _build_artifact(prof, config, params, assignment, stats, d_head, d_kv, d_cl,
                                                 params.dynamic_overselect)
     cfg = asdict(config)
     cfg["target_length"] = params.target_length
+    cfg["objective"] = objective
     calib = dict(prof.attrs.get("calibration", {}) or {})
     figures = {
         "profile_length": prof.length,

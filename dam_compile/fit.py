@@ -17,7 +17,7 @@ The dynamic part is *estimated*, never measured: see ``estimate_recall``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -26,6 +26,8 @@ from .ir import ArtifactError, MaskProgram
 
 DYNAMIC_GRID = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6)
 TOPP_LEVELS = (0.90, 0.95, 0.99)
+# the recall targets of a head's trade-off curve for --allocate global
+RECALL_LADDER = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999)
 
 
 @dataclass(frozen=True)
@@ -372,12 +374,26 @@ def fit_head(stats: HeadStats, params: FitParams) -> HeadFit:
 
     Falls back to the dense program when nothing within ``params.max_density`` meets it.
     """
+    return _select(stats, params, _greedy_order(stats, params), params.recall)
+
+
+def fit_head_frontier(stats: HeadStats, params: FitParams, targets: tuple[float, ...]) -> list[HeadFit]:
+    """``fit_head`` at every recall target of ``targets`` (one greedy order, built up to the
+    highest target), plus the dense program: the head's recall-vs-density trade-off curve, from
+    which :func:`allocate_global` picks one point per head."""
+    top = max(targets)
+    greedy = _greedy_order(stats, replace(params, recall=top))
+    fits = [_select(stats, params, greedy, r) for r in sorted(set(targets))]
+    return [*fits, _dense_fit(stats, params)]
+
+
+def _select(stats: HeadStats, params: FitParams, greedy, recall: float) -> HeadFit:
+    """The cheapest (greedy prefix, dynamic fraction) meeting ``recall``, pruned; dense if none."""
     n, B, T = stats.length, stats.block_size, params.target_length
     causal, diag = _geometry(n, B)
-    W = np.where(causal, stats.block_mass, 0.0)
-    comps, masks, order, prefixes = _greedy_order(stats, params)
+    comps, masks, order, prefixes = greedy
     grid = DYNAMIC_GRID if params.use_dynamic else (0.0,)
-    nbq = W.shape[0]
+    nbq = causal.shape[0]
     n_causal = float(causal.sum())
 
     def est(mask_flat: np.ndarray, f: float) -> float:
@@ -391,7 +407,7 @@ def fit_head(stats: HeadStats, params: FitParams) -> HeadFit:
         for t, pm in enumerate(prefixes):
             if pm.sum() / n_causal + 0.9 * f > params.max_density:
                 break  # this and every longer prefix exceeds the cap at N
-            if est(pm, f) >= params.recall:
+            if est(pm, f) >= recall:
                 lo = t
                 break
         if lo is None:
@@ -410,10 +426,46 @@ def fit_head(stats: HeadStats, params: FitParams) -> HeadFit:
         m = diag.ravel().copy()
         for c in rest:
             m |= masks[c].ravel()
-        if est(m, f) >= params.recall:
+        if est(m, f) >= recall:
             chosen = rest
     prog = compose([comps[i] for i in chosen], f)
-    return evaluate_program(prog, stats, params, dense_if_over=True)
+    return evaluate_program(prog, stats, replace(params, recall=recall), dense_if_over=True)
+
+
+def allocate_global(frontiers: list[list[HeadFit]], mean_recall: float, floor: float = 0.0) -> list[HeadFit]:
+    """One point per head minimising the mean density subject to a *mean* estimated recall (at the
+    target length) of at least ``mean_recall``, every head at least ``floor``.
+
+    The Lagrangian relaxation: for a price ``lam`` on density each head takes the point of its
+    curve maximising ``recall_at_target - lam * density``; ``lam`` is bisected to the largest
+    price whose choice still meets the mean. Heads with a cheap, high-recall curve (local heads)
+    end up above the target, diffuse heads below it: at equal density this keeps more attention
+    mass than one target for every head (which is :func:`fit_head`).
+    """
+    if not frontiers:
+        return []
+    if not 0.0 < mean_recall <= 1.0 or not 0.0 <= floor <= mean_recall:
+        raise ArtifactError(f"need 0 <= floor <= mean_recall <= 1, got floor {floor}, mean {mean_recall}")
+    pts = []
+    for fr in frontiers:
+        ok = [f for f in fr if f.recall_at_target >= floor - 1e-12] or [max(fr, key=lambda f: f.recall_at_target)]
+        pts.append((np.array([f.recall_at_target for f in ok]), np.array([f.density for f in ok]), ok))
+
+    def choose(lam: float) -> tuple[list[int], float]:
+        idx = [int(np.argmax(r - lam * d - 1e-9 * d)) for r, d, _ in pts]
+        return idx, float(np.mean([r[i] for (r, _, _), i in zip(pts, idx, strict=True)]))
+
+    lo, hi = 0.0, 1.0
+    while choose(hi)[1] >= mean_recall and hi < 1e6:
+        lo, hi = hi, hi * 4.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if choose(mid)[1] >= mean_recall:
+            lo = mid
+        else:
+            hi = mid
+    idx, _ = choose(lo)
+    return [ok[i] for (_, _, ok), i in zip(pts, idx, strict=True)]
 
 
 def target_recall(stats: HeadStats, params: FitParams, mask: np.ndarray, f: float) -> float:
@@ -521,7 +573,8 @@ def _run_from_zero(idx: np.ndarray) -> int:
 
 
 __all__ = [
-    "DYNAMIC_GRID", "FitParams", "HeadFit", "HeadStats", "capture_recall", "compose", "decompose",
+    "DYNAMIC_GRID", "RECALL_LADDER", "FitParams", "HeadFit", "HeadStats", "allocate_global", "capture_recall",
+    "compose", "decompose", "fit_head_frontier",
     "estimate_recall", "evaluate_program", "fit_head", "fit_head_dam_paper", "length_recall",
     "pool_blocks", "row_recall", "target_recall",
 ]

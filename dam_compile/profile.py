@@ -37,6 +37,8 @@ class Profile:
         count: samples accumulated.
         block_size: B.  length: N.  capture_length: P.
         attrs: the store's root attributes (``model``, ``calibration``, ...).
+        block_err: float64 ``[L, H, nB, nB]`` or None (stores from before it existed): the
+            value-aware block weight (see ``dam.profiler.ProfileStats``).
     """
 
     diag_mass: np.ndarray
@@ -47,6 +49,7 @@ class Profile:
     count: int
     block_size: int
     attrs: dict = field(default_factory=dict)
+    block_err: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         L, H, N = self.diag_mass.shape
@@ -56,6 +59,8 @@ class Profile:
             "block_mass": (L, H, nb, nb),
             "topp_blocks": (L, H, 3),
         }
+        if self.block_err is not None:
+            want["block_err"] = (L, H, nb, nb)
         for name, shape in want.items():
             got = tuple(getattr(self, name).shape)
             if got != shape:
@@ -105,6 +110,7 @@ class Profile:
         attn_mean: np.ndarray,
         block_size: int,
         attrs: dict | None = None,
+        block_err: np.ndarray | None = None,
     ) -> Profile:
         """Build a profile from mean arrays (count = 1), for tests and pooled statistics."""
         return cls(
@@ -116,6 +122,7 @@ class Profile:
             1,
             int(block_size),
             dict(attrs or {}),
+            None if block_err is None else np.asarray(block_err, np.float64),
         )
 
 
@@ -143,7 +150,7 @@ def read_profile(path: str) -> Profile:
     try:
         count = int(np.asarray(root["count"][...]))
         arrays = {n: np.asarray(root[n][...], dtype=np.float64) / max(count, 1)
-                  for n in ("diag_mass", "col_mass", "block_mass", "topp_blocks")}
+                  for n in ("diag_mass", "col_mass", "block_mass", "topp_blocks", "block_err") if n in root}
     except Exception as exc:
         raise ProfileReadError(f"cannot read profile store {path}: {type(exc).__name__}: {exc}") from None
     bs = attrs.get("block_size")
@@ -151,10 +158,10 @@ def read_profile(path: str) -> Profile:
         raise ProfileReadError(f"profile store {path} has an invalid block_size attribute {bs!r}")
     prof = Profile(
         arrays["diag_mass"], arrays["col_mass"], arrays["block_mass"], arrays["topp_blocks"],
-        root["attn_mean"], count, bs, attrs,
+        root["attn_mean"], count, bs, attrs, arrays.get("block_err"),
     )
-    for name in ("diag_mass", "col_mass", "block_mass", "topp_blocks"):
-        if not np.all(np.isfinite(getattr(prof, name))):
+    for name in ("diag_mass", "col_mass", "block_mass", "topp_blocks", "block_err"):
+        if getattr(prof, name) is not None and not np.all(np.isfinite(getattr(prof, name))):
             raise ProfileReadError(f"profile store {path}: {name} holds NaN/inf; re-run dam profile")
     log.info("read profile %s: L=%d H=%d N=%d P=%d B=%d count=%d", path, prof.num_layers,
              prof.num_heads, prof.length, prof.capture_length, bs, count)

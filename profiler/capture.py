@@ -50,6 +50,10 @@ class ProfileStats:
         block_mass: ``[L, H, nb, nb]`` Σ over samples of Σ_{i∈a, j∈b} A[i, j] / N.
         topp_blocks: ``[L, H, 3]`` Σ over samples of the mean over query blocks of the number of
             KV blocks (heaviest first) needed for 90 / 95 / 99 % of the query block's mass.
+        block_err: ``[L, H, nb, nb]`` Σ over samples of Σ_{i∈a} ‖Σ_{j∈b} A[i, j] (o_i − v_j)‖ / N:
+            the size of the change block b's keys make to the outputs of query block a (o_i the
+            head's output): dropping b moves o_i by exactly that sum over 1 − (dropped mass), so
+            this is the *value-aware* weight of a block (a DAM extension of the store schema).
         count: number of samples summed.
         block_size: B.
     """
@@ -59,10 +63,11 @@ class ProfileStats:
     col_mass: torch.Tensor
     block_mass: torch.Tensor
     topp_blocks: torch.Tensor
+    block_err: torch.Tensor
     count: int
     block_size: int
 
-    ARRAYS = ("attn_mean", "diag_mass", "col_mass", "block_mass", "topp_blocks")
+    ARRAYS = ("attn_mean", "diag_mass", "col_mass", "block_mass", "topp_blocks", "block_err")
 
     @classmethod
     def zeros(cls, layers: int, heads: int, length: int, capture_length: int, block_size: int,
@@ -72,7 +77,7 @@ class ProfileStats:
         z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)
         return cls(z(layers, heads, capture_length, capture_length), z(layers, heads, length),
                    z(layers, heads, length), z(layers, heads, nb, nb), z(layers, heads, len(TOPP)),
-                   0, block_size)
+                   z(layers, heads, nb, nb), 0, block_size)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -88,7 +93,7 @@ class ProfileStats:
         return ProfileStats(**kw, count=self.count + other.count, block_size=self.block_size)
 
     def arrays(self) -> dict[str, torch.Tensor]:
-        """The five sum arrays by store name."""
+        """The sum arrays by store name."""
         return {k: getattr(self, k) for k in self.ARRAYS}
 
     def means(self) -> dict[str, torch.Tensor]:
@@ -190,6 +195,7 @@ class _Recorder:
         col = torch.zeros(B, H, N, **f64, device=q.device)
         diag = torch.zeros(B, H, N, **f64, device=q.device)
         blk = torch.zeros(B, H, nb, nb, **f64, device=q.device)
+        err = torch.zeros(B, H, nb, nb, **f64, device=q.device)
         am = self.stats.attn_mean[layer]
         C = self.chunk_rows(B)
         qg = (q.to(cdt) * scaling).reshape(B, Hkv, G, N, D)
@@ -201,10 +207,23 @@ class _Recorder:
             s[..., i0:].masked_fill_(upper[:c, :c], float("-inf"))
             p = torch.softmax(s, dim=-1)
             del s
-            out[..., i0:i1, :] = torch.matmul(p, vg[..., :K, :])
+            o = torch.matmul(p, vg[..., :K, :])  # [B, Hkv, G, c, Dv]
+            out[..., i0:i1, :] = o
+            ca, kb, a0 = math.ceil(c / bs), math.ceil(K / bs), i0 // bs
+            # value-aware block weight: || sum_{j in b} p_ij (o_i - v_j) || per (row, key block)
+            pk = p if kb * bs == K else torch.nn.functional.pad(p, (0, kb * bs - K))
+            pk = pk.reshape(B, Hkv, G, c, kb, bs)
+            vk = vg[..., :K, :] if kb * bs == K else torch.nn.functional.pad(vg[..., :K, :], (0, 0, 0, kb * bs - K))
+            part = torch.einsum("zhgikj,zhxkjd->zhgikd", pk, vk.reshape(B, Hkv, 1, kb, bs, -1))
+            e = (pk.sum(-1).unsqueeze(-1) * o.unsqueeze(-2) - part).norm(dim=-1)  # [B,Hkv,G,c,kb]
+            del pk, part, o
+            e = e.reshape(B, H, c, kb)
+            if ca * bs != c:
+                e = torch.nn.functional.pad(e, (0, 0, 0, ca * bs - c))
+            err[:, :, a0:a0 + ca, :kb] += e.reshape(B, H, ca, bs, kb).sum(3).double()
+            del e
             p = p.reshape(B, H, c, K)  # contiguous; h = kv_head * G + g
             # rows summed per query block (the chunk starts on a block boundary) -> cols, blocks
-            ca, kb, a0 = math.ceil(c / bs), math.ceil(K / bs), i0 // bs
             pr = p if ca * bs == c else torch.nn.functional.pad(p, (0, 0, 0, ca * bs - c))
             rb = pr.reshape(B, H, ca, bs, K).sum(3)  # [B, H, ca, K]
             del pr
@@ -230,6 +249,7 @@ class _Recorder:
         st.col_mass[layer] += col.sum(0) / N
         st.diag_mass[layer] += diag.sum(0) / N
         st.block_mass[layer] += blk.sum(0) / N
+        st.block_err[layer] += err.sum(0) / N
         st.topp_blocks[layer] += topp_block_counts(blk).mean(-2).sum(0)
         self.seen.add(layer)
         return out.reshape(B, H, N, -1).transpose(1, 2).to(q.dtype)

@@ -162,6 +162,9 @@ def read_store(path: str | os.PathLike) -> tuple[dict[str, Any], ProfileStats]:
         arrs = {k: torch.from_numpy(np.asarray(g[k][...], dtype=np.float64)) for k in ProfileStats.ARRAYS}
         count = int(np.asarray(g["count"][...]))
     except KeyError as exc:
+        if "block_err" not in g:
+            raise ProfileError(f"profile store {path} predates the block_err statistic (an older dam); "
+                               "it can be compiled but not resumed: profile into a new --out") from None
         raise ProfileError(f"profile store {path} is damaged: array {exc} is missing; re-run `dam profile`") from None
     L, H, N = arrs["diag_mass"].shape
     st = ProfileStats(**arrs, count=count, block_size=int(attrs["block_size"]))

@@ -218,3 +218,39 @@ def test_capture_on_cuda_matches_cpu():
     bf = capture(model.to(torch.bfloat16), ids, capture_length=64, block_size=64)
     torch.testing.assert_close(bf.col_mass.sum(-1), torch.full((2, 6), 2.0, dtype=torch.float64),
                                rtol=0, atol=1e3 * EPS32)
+
+
+@pytest.mark.parametrize("heads,kv,n,bs,chunk", [(6, 2, 97, 16, 32), (4, 4, 65, 16, None)])
+def test_block_err_matches_definition(heads, kv, n, bs, chunk):
+    """block_err[a, b] = sum_{i in a} || sum_{j in b} A_ij (o_i - v_j) || / N, from float64 maps and values."""
+    from transformers import AttentionInterface
+
+    seen = {}
+
+    def eager_keep(module, query, key, value, attention_mask, scaling, dropout=0.0, **kw):
+        out, p = _eager64(module, query, key, value, attention_mask, scaling)
+        seen[module.layer_idx] = (p, value.repeat_interleave(query.shape[1] // key.shape[1], dim=1).double())
+        return out, p
+
+    model = tiny_llama(heads=heads, kv=kv, hidden=8 * heads, vocab=257)
+    ids = torch.randint(0, 257, (2, n))
+    AttentionInterface.register("dam_test_keep", eager_keep)
+    model.set_attn_implementation("dam_test_keep")
+    with torch.no_grad():
+        model(ids)
+    model.set_attn_implementation("eager")
+    st = capture(model, ids, capture_length=8, block_size=bs, chunk=chunk)
+    nb = math.ceil(n / bs)
+    for layer, (p, v) in seen.items():
+        o = p @ v  # [B, H, N, D]
+        want = torch.zeros(heads, nb, nb, dtype=torch.float64)
+        for b in range(nb):
+            js = slice(b * bs, min(n, (b + 1) * bs))
+            # [B, H, N, D]: sum over j in block b of p_ij (o_i - v_j)
+            contrib = p[..., js].sum(-1, keepdim=True) * o - p[..., js] @ v[:, :, js]
+            rows = contrib.norm(dim=-1).sum(0)  # [H, N]
+            for a in range(nb):
+                want[:, a, b] = rows[:, a * bs:(a + 1) * bs].sum(-1) / n
+        torch.testing.assert_close(st.block_err[layer], want, rtol=1e-10, atol=1e-12)
+        assert (st.block_err[layer] >= 0).all()
+        assert (st.block_err[layer].triu(1) == 0).all()  # no weight above the causal diagonal

@@ -133,6 +133,10 @@ def test_evaluate_matches_direct_runs():
     assert r.density == pytest.approx(mr.mean_density) and r.recall == pytest.approx(mr.mean_recall)
     top1, kl, nll, dnll = compare_logits(dense, mr.logits[0], ids)
     assert (r.top1, r.kl, r.nll) == (pytest.approx(top1), pytest.approx(kl), pytest.approx(nll))
+    q4 = 3 * ids.numel() // 4  # the last quarter of the positions alone
+    lg, dn = mr.logits[0][q4:], dense[q4:]
+    assert r.top1_q4 == pytest.approx(float((lg.argmax(-1) == dn.argmax(-1)).double().mean()))
+    assert r.kl_q4 == pytest.approx(compare_logits(dense[q4:], mr.logits[0][q4:], ids[q4:])[1])
     assert runs[("dense", "text")].nll == pytest.approx(dnll)
     assert runs[("dense", "text")].top1 == 1.0 and runs[("dense", "text")].kl == pytest.approx(0, abs=1e-7)
     # the baselines: density matched to DAM's on the same input, oracle at DAM's recall
