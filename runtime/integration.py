@@ -10,7 +10,9 @@ The mask function hands the attention function the 2D key-validity mask ``bool [
 ``None`` when nothing is padded). The attention function then picks one path per call:
 
 * dense SDPA when the attended length ``Nk < min_length`` or a sliding window shorter than ``Nk``
-  applies, or the caller prepared its own 4D mask;
+  applies, or the caller prepared its own 4D mask, or every head of the layer has the dense
+  program (then the block-sparse kernel would compute every causal block, only slower; with a
+  ``layout_hook`` installed the kernel still runs, so evaluation sees the layout);
 * no padding: one block-sparse call with the layer's layout for ``(Nq, Nk)`` (static part
   cached), ``block_sparse_decode`` when ``Nq == 1``;
 * padding: each row's valid queries and keys are gathered to the front (stable order), so
@@ -183,6 +185,7 @@ class DamHandle:
         self._modules: dict[int, torch.nn.Module] = {}
         # per-layer planners, shared by layers with the same head->program row, per device
         self._row_key = [tuple(int(x) for x in row) for row in artifact.head_program]
+        self._all_dense = [all(artifact.programs[int(k)].dense for k in row) for row in artifact.head_program]
         self._planners: dict[tuple[tuple[int, ...], str], Planner] = {}
         #: optional ``fn(layer, q, k, layout) -> BlockLayout`` called on every block-sparse call
         #: with the planned layout; what it returns is run. For evaluation: observe the layouts
@@ -262,6 +265,8 @@ class DamHandle:
 
     def _sparse_uniform(self, layer, q, k, v, scale) -> torch.Tensor:
         N, Nk = q.shape[2], k.shape[2]
+        if self._all_dense[layer] and self.layout_hook is None:
+            return _kernels.dense_attention(q, k, v, scale=scale)
         planner = self.planner(layer, q.device)
         layout = planner.plan(N, Nk, q, k, scale=scale)
         if self.layout_hook is not None:

@@ -48,6 +48,37 @@ def test_dense_program_equals_dense_model(family):
     torch.testing.assert_close(got, want, **TOL)
 
 
+def test_all_dense_layer_runs_sdpa_not_the_kernel(monkeypatch):
+    """A layer whose heads are all dense skips the block-sparse kernel (prefill and decode)."""
+    from dam.runtime import _kernels
+
+    model = tiny_model("llama", heads=4, kv_heads=2)
+    progs = (MaskProgram(dense=True), MaskProgram(sink=16, window=32))
+    art = make_artifact(model.config, progs)
+    art.head_program[0, :] = 0  # layer 0 all dense, layer 1 mixed
+    art.head_program[1, :] = [0, 1, 1, 0]
+    calls = []
+    for name in ("sparse_prefill", "sparse_decode"):
+        real = getattr(_kernels, name)
+        monkeypatch.setattr(_kernels, name, lambda *a, _real=real, _n=name, **kw: calls.append(_n) or _real(*a, **kw))
+    ids = torch.randint(0, 128, (1, 70))
+    with torch.no_grad(), rt.apply(model, art, backend="reference", min_length=1):
+        model(ids)
+        assert calls == ["sparse_prefill"]  # layer 1 only
+        calls.clear()
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+    assert calls.count("sparse_prefill") == 1 and calls.count("sparse_decode") == 1  # layer 1 per step
+    # all-dense artifact: no kernel at all, and the output is the dense model's
+    model2 = tiny_model("llama", heads=4, kv_heads=2)
+    calls.clear()
+    with torch.no_grad():
+        want = model2(ids).logits
+        with rt.apply(model2, make_artifact(model2.config, (MaskProgram(dense=True),)), backend="cpu", min_length=1):
+            got = model2(ids).logits
+    assert calls == []
+    torch.testing.assert_close(got, want, **TOL)
+
+
 def test_only_this_instance_is_switched():
     a, b = tiny_model(), tiny_model()
     ids = torch.randint(0, 128, (1, 50))
