@@ -81,10 +81,11 @@ def plot_report(rows: list[dict], out_dir: str, prefix: str = "eval") -> list[st
     lengths = sorted({r["length"] for r in rows})
     by = {(r["method"], r["length"]): r for r in rows}
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     for m in methods:
-        for ax, key, label in ((axes[0], "top1", "top-1 agreement"), (axes[1], "kl", "mean KL(dense‖method)"),
-                               (axes[2], "dppl", "ΔPPL (relative)")):
+        for ax, key, label in ((axes[0], "top1", "top-1 agreement (all positions)"),
+                               (axes[1], "top1_q4", "top-1 agreement (last quarter)"),
+                               (axes[2], "kl", "mean KL(dense‖method)"), (axes[3], "dppl", "ΔPPL (relative)")):
             xs = [n for n in lengths if by.get((m, n), {}).get(key) is not None]
             if xs:
                 ax.plot(xs, [by[(m, n)][key] for n in xs], marker="o", label=m)
