@@ -19,10 +19,12 @@ from .common import one_line_errors, parse_lengths
 @click.option("--backend", type=click.Choice(["auto", "triton", "cpu"]), default="auto", show_default=True)
 @click.option("--min-length", default=1024, show_default=True, type=click.IntRange(min=1),
               help="Calls attending fewer keys use dense SDPA (as in serving).")
+@click.option("--decode", type=click.Choice(["auto", "sparse", "dense"]), default="auto", show_default=True,
+              help="DAM's decode steps: block-sparse, dense SDPA, or auto (dense on the CPU, sparse on a GPU).")
 @click.option("--device", default=None, help="torch device (default: cuda when present, else cpu).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the JSON here.")
 @one_line_errors
-def bench(model, artifact, lengths, data, repeats, warmup, decode_tokens, backend, min_length, device, out):
+def bench(model, artifact, lengths, data, repeats, warmup, decode_tokens, backend, min_length, decode, device, out):
     """Time MODEL with DAM's ARTIFACT against dense attention (GPU bf16 when present, else CPU fp32)."""
     import json
 
@@ -39,7 +41,7 @@ def bench(model, artifact, lengths, data, repeats, warmup, decode_tokens, backen
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
     cfg = BenchConfig(repeats=repeats, warmup=warmup, decode_tokens=decode_tokens, backend=backend,
-                      min_length=min_length)
+                      min_length=min_length, decode=decode)
     art = load_artifact(artifact)
     mdl, tok = load_model(model, device=device, dtype=dtype)
     inputs = {n: calibration_samples(data, tok, n, 1, start=64) for n in parse_lengths(lengths)}

@@ -47,6 +47,7 @@ class BenchConfig:
     backend: str = "auto"
     min_length: int = 1024
     attention_layer: int | None = None
+    decode: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("repeats", "decode_tokens", "min_length"):
@@ -57,6 +58,8 @@ class BenchConfig:
             raise DamRuntimeError(f"warmup must be a non-negative int, got {self.warmup!r}")
         if self.backend not in ("auto", "triton", "cpu"):
             raise DamRuntimeError(f"backend must be auto, triton or cpu, got {self.backend!r}")
+        if self.decode not in ("auto", "sparse", "dense"):
+            raise DamRuntimeError(f"decode must be auto, sparse or dense, got {self.decode!r}")
 
 
 @dataclass
@@ -247,13 +250,15 @@ def bench(
             raise DamRuntimeError(f"inputs[{n}] must be [1, N], got {tuple(ids.shape)}")
         if n < config.min_length:
             log.warning("length %d < min_length %d: DAM runs dense SDPA there", n, config.min_length)
-        handle = apply(model, artifact, backend=config.backend, min_length=config.min_length)
+        handle = apply(model, artifact, backend=config.backend, min_length=config.min_length,
+                                decode=config.decode)
         handle.remove()  # re-applied per run below; validated once here
         times: dict[str, list[float]] = {"dense": [], "dam": []}
         dec: dict[str, list[float]] = {"dense": [], "dam": []}
         for r in range(runs):
             for mode in ("dense", "dam"):
-                h = apply(model, artifact, backend=config.backend, min_length=config.min_length) \
+                h = apply(model, artifact, backend=config.backend, min_length=config.min_length,
+                                decode=config.decode) \
                     if mode == "dam" else None
                 try:
                     box: dict = {}
@@ -279,7 +284,8 @@ def bench(
                     progress(done, total)
         peaks: dict[str, int | None] = {}
         for mode in ("dense", "dam"):
-            h = apply(model, artifact, backend=config.backend, min_length=config.min_length) if mode == "dam" else None
+            h = apply(model, artifact, backend=config.backend, min_length=config.min_length,
+                                decode=config.decode) if mode == "dam" else None
             try:
                 with _PeakMemory(dev) as pm, torch.no_grad():
                     model(ids, use_cache=True)

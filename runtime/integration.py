@@ -43,6 +43,7 @@ from .planner import Planner
 log = logging.getLogger(__name__)
 
 IMPL = "dam"
+DECODE_MODES = ("auto", "sparse", "dense")
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,18 @@ class RuntimeConfig:
         min_length: calls attending fewer keys than this use dense SDPA.
         block_size: block size of the layouts (``None``: the artifact's).
         plan_cache_size: ``(q_len, kv_len)`` entries each layer's planner keeps.
+        decode: one-query (decode) steps: ``"sparse"`` (block-sparse decode kernel), ``"dense"``
+            (SDPA over the whole cache: exact), or ``"auto"``: dense when the tensors are on the
+            CPU, sparse on a GPU. On the CPU a decode step is memory-bound and the block gathers
+            plus per-step planning cost more than they save: SmolLM2 at 8K measured 627 ms per
+            token sparse vs 134 ms dense (``benchmarks/results/bench_smollm2_8k_cpu.json``).
     """
 
     backend: str = "auto"
     min_length: int = 1024
     block_size: int | None = None
     plan_cache_size: int = 16
+    decode: str = "auto"
 
     def __post_init__(self) -> None:
         if self.backend not in _kernels.BACKENDS:
@@ -71,6 +78,8 @@ class RuntimeConfig:
             raise DamRuntimeError(f"block_size must be a power of two >= 16 or None, got {bs!r}")
         if not isinstance(self.plan_cache_size, int) or self.plan_cache_size < 1:
             raise DamRuntimeError(f"plan_cache_size must be a positive int, got {self.plan_cache_size!r}")
+        if self.decode not in DECODE_MODES:
+            raise DamRuntimeError(f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,6 +256,10 @@ class DamHandle:
         return p
 
     # -- the attention call ---------------------------------------------------------------
+    def _dense_decode(self, device: torch.device) -> bool:
+        mode = self.config.decode
+        return mode == "dense" or (mode == "auto" and device.type == "cpu")
+
     def _dense_for(self, kv_len: int, sliding_window: int | None) -> bool:
         return kv_len < self.config.min_length or (sliding_window is not None and sliding_window < kv_len)
 
@@ -257,6 +270,8 @@ class DamHandle:
         scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(D)
         if mask is not None and mask.dim() != 2:
             return _kernels.dense_attention(q, k, v, scale=scale, mask4d=mask)
+        if N == 1 and self._dense_decode(q.device):
+            return _kernels.dense_attention(q, k, v, scale=scale, key_valid=mask, sliding_window=sliding_window)
         if mask is None:
             if self._dense_for(Nk, sliding_window):
                 return _kernels.dense_attention(q, k, v, scale=scale, sliding_window=sliding_window)
@@ -355,6 +370,7 @@ def apply(
     min_length: int = 1024,
     block_size: int | None = None,
     plan_cache_size: int = 16,
+    decode: str = "auto",
 ) -> DamHandle:
     """Run ``model``'s attention through DAM with ``artifact`` (an :class:`Artifact` or a path).
 
@@ -366,20 +382,21 @@ def apply(
         a :class:`DamHandle` (context manager); ``handle.remove()`` restores the model exactly.
     """
     cfg = RuntimeConfig(backend=backend, min_length=min_length, block_size=block_size,
-                        plan_cache_size=plan_cache_size)
+                        plan_cache_size=plan_cache_size, decode=decode)
     art = _resolve_artifact(artifact)
     if not hasattr(model, "config"):
         raise DamRuntimeError(f"expected a transformers model with a .config, got {type(model).__name__}")
     art.check_compatible(model.config)
     handle = DamHandle(model, art, cfg)
     handle._install()
-    log.info("DAM applied: %d layers, block %d, backend %s, min_length %d",
-             art.num_layers, handle.block_size, cfg.backend, cfg.min_length)
+    log.info("DAM applied: %d layers, block %d, backend %s, min_length %d, decode %s",
+             art.num_layers, handle.block_size, cfg.backend, cfg.min_length, cfg.decode)
     return handle
 
 
 def load(model_id_or_path: str | os.PathLike, artifact: Artifact | str | os.PathLike,
-         *, backend: str = "auto", min_length: int = 1024, **from_pretrained_kwargs: Any):
+         *, backend: str = "auto", min_length: int = 1024, decode: str = "auto",
+         **from_pretrained_kwargs: Any):
     """``AutoModelForCausalLM.from_pretrained(model_id_or_path, **kwargs)`` with DAM applied.
 
     The handle is kept as ``model.dam_handle`` (call ``model.dam_handle.remove()`` to undo).
@@ -395,7 +412,7 @@ def load(model_id_or_path: str | os.PathLike, artifact: Artifact | str | os.Path
     art.check_compatible(config)
     model = AutoModelForCausalLM.from_pretrained(model_id_or_path, **from_pretrained_kwargs)
     model.eval()
-    model.dam_handle = apply(model, art, backend=backend, min_length=min_length)
+    model.dam_handle = apply(model, art, backend=backend, min_length=min_length, decode=decode)
     return model
 
 

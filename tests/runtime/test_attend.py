@@ -25,7 +25,7 @@ def _handle(programs, block_size=16, backend="reference", heads=None):
     H = heads or len(programs)
     hp = np.arange(H, dtype=np.int32)[None, :] % len(programs)
     art = Artifact(programs=tuple(programs), head_program=hp, block_size=block_size)
-    return DamHandle(None, art, RuntimeConfig(backend=backend, min_length=1))
+    return DamHandle(None, art, RuntimeConfig(backend=backend, min_length=1, decode="sparse"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -133,3 +133,5 @@ def test_runtime_config_checks():
         RuntimeConfig(min_length=0)
     with pytest.raises(DamRuntimeError, match="block_size"):
         RuntimeConfig(block_size=48)
+    with pytest.raises(DamRuntimeError, match="decode"):
+        RuntimeConfig(decode="fast")

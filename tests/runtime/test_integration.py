@@ -43,7 +43,7 @@ def test_dense_program_equals_dense_model(family):
     ids = torch.randint(0, 128, (1, 77))
     with torch.no_grad():
         want = model(ids).logits
-        with rt.apply(model, art, backend="reference", min_length=1):
+        with rt.apply(model, art, backend="reference", min_length=1, decode="sparse"):
             got = model(ids).logits
     torch.testing.assert_close(got, want, **TOL)
 
@@ -62,7 +62,7 @@ def test_all_dense_layer_runs_sdpa_not_the_kernel(monkeypatch):
         real = getattr(_kernels, name)
         monkeypatch.setattr(_kernels, name, lambda *a, _real=real, _n=name, **kw: calls.append(_n) or _real(*a, **kw))
     ids = torch.randint(0, 128, (1, 70))
-    with torch.no_grad(), rt.apply(model, art, backend="reference", min_length=1):
+    with torch.no_grad(), rt.apply(model, art, backend="reference", min_length=1, decode="sparse"):
         model(ids)
         assert calls == ["sparse_prefill"]  # layer 1 only
         calls.clear()
@@ -77,6 +77,35 @@ def test_all_dense_layer_runs_sdpa_not_the_kernel(monkeypatch):
             got = model2(ids).logits
     assert calls == []
     torch.testing.assert_close(got, want, **TOL)
+
+
+def test_decode_policy(monkeypatch):
+    """decode='auto' on the CPU runs one-query steps through dense SDPA (exact); 'sparse' through
+    the block-sparse decode kernel; prefill is block-sparse either way."""
+    from dam.runtime import _kernels
+
+    model = tiny_model("llama", heads=4, kv_heads=2)
+    art = make_artifact(model.config, STATIC_PROGRAMS)
+    ids = torch.randint(0, 128, (1, 70))
+    calls = []
+    real = _kernels.sparse_decode
+    monkeypatch.setattr(_kernels, "sparse_decode", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    outs = {}
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :-1], past_key_values=cache, use_cache=True)
+        want = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits  # dense decode step
+        for mode in ("auto", "dense", "sparse"):
+            calls.clear()
+            with rt.apply(model, art, backend="reference", min_length=1, decode=mode):
+                cache = DynamicCache(config=model.config)
+                model(ids[:, :-1], past_key_values=cache, use_cache=True)
+                outs[mode] = (model(ids[:, -1:], past_key_values=cache, use_cache=True).logits, len(calls))
+    assert outs["auto"][1] == outs["dense"][1] == 0 and outs["sparse"][1] == model.config.num_hidden_layers
+    torch.testing.assert_close(outs["auto"][0], outs["dense"][0], rtol=0, atol=0)
+    assert not torch.allclose(outs["sparse"][0], outs["dense"][0], **TOL)  # the sparse mask matters here
+    # the dense decode attends the whole (DAM-prefilled) cache: it is not the dense model's output
+    assert outs["dense"][0].shape == want.shape
 
 
 def test_only_this_instance_is_switched():
@@ -130,7 +159,7 @@ def test_padded_batch_rows_equal_alone(family, side):
         ids[i, sl], mask[i, sl] = s, 1
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad(), rt.apply(model, make_artifact(model.config, MIXED_PROGRAMS), backend="reference",
-                                   min_length=1):
+                                   min_length=1, decode="sparse"):
         batch = model(ids, attention_mask=mask, position_ids=pos).logits
         for i, s in enumerate(seqs):
             alone = model(s[None]).logits[0]
@@ -142,7 +171,7 @@ def test_chunked_prefill_equals_one_shot():
     model = tiny_model()
     ids = torch.randint(0, 128, (2, 200))
     with torch.no_grad(), rt.apply(model, make_artifact(model.config, MIXED_PROGRAMS), backend="reference",
-                                   min_length=1):
+                                   min_length=1, decode="sparse"):
         full = model(ids).logits
         cache = DynamicCache(config=model.config)
         parts = []
@@ -166,7 +195,7 @@ def test_generate_decode_padded_batch_equals_alone(monkeypatch):
     kw = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True,
               pad_token_id=0)
     with torch.no_grad(), rt.apply(model, make_artifact(model.config, MIXED_PROGRAMS), backend="reference",
-                                   min_length=1):
+                                   min_length=1, decode="sparse"):
         batch = model.generate(ids, attention_mask=mask, **kw)
         alone = [model.generate(s[None], attention_mask=torch.ones(1, len(s), dtype=torch.long), **kw)
                  for s in seqs]
@@ -194,9 +223,9 @@ def test_cpu_kernels_match_reference_backend():
     art = make_artifact(model.config, MIXED_PROGRAMS)
     ids = torch.randint(0, 128, (2, 130))
     with torch.no_grad():
-        with rt.apply(model, art, backend="reference", min_length=1):
+        with rt.apply(model, art, backend="reference", min_length=1, decode="sparse"):
             ref = model(ids).logits
-        with rt.apply(model, art, backend="cpu", min_length=1):
+        with rt.apply(model, art, backend="cpu", min_length=1, decode="sparse"):
             got = model(ids).logits
     torch.testing.assert_close(got, ref, **TOL)
 
@@ -209,7 +238,7 @@ def test_load_from_local_dir(tmp_path):
     assert loaded.config._attn_implementation == "dam" and loaded.dam_handle.active
     ids = torch.randint(0, 128, (1, 40))
     with torch.no_grad():
-        with rt.apply(model, art, backend="reference", min_length=1):
+        with rt.apply(model, art, backend="reference", min_length=1, decode="sparse"):
             want = model(ids).logits
         torch.testing.assert_close(loaded(ids).logits, want, **TOL)
     loaded.dam_handle.remove()
@@ -243,7 +272,7 @@ def test_layout_hook_observes_and_substitutes():
     ids = torch.randint(0, 128, (1, 100))
     seen = []
     with torch.no_grad(), rt.apply(model, make_artifact(model.config, STATIC_PROGRAMS), backend="reference",
-                                   min_length=1) as h:
+                                   min_length=1, decode="sparse") as h:
         planned = model(ids).logits
 
         def observe(layer, q, k, layout):
