@@ -92,6 +92,8 @@ def plot_report(rows: list[dict], out_dir: str, prefix: str = "eval") -> list[st
                 ax.set_xlabel("length (tokens)")
                 ax.set_ylabel(label)
                 ax.set_xscale("log", base=2)
+    for ax in axes[2:]:  # dense sits at 0 and the seed paper far above: a symlog axis shows both
+        ax.set_yscale("symlog", linthresh=1e-3)
     axes[0].legend(fontsize=8)
     fig.suptitle("fidelity vs length (same inputs, equal block density)")
     save(fig, "fidelity")
