@@ -12,9 +12,9 @@ import numpy as np
 from .artifact import SCHEMA, Artifact
 from .cluster import Head, assign, cluster_assignment, mean_density
 from .fit import (
+    RECALL_LADDER,
     FitParams,
     HeadFit,
-    RECALL_LADDER,
     HeadStats,
     allocate_global,
     capture_recall,
