@@ -39,29 +39,33 @@ def _len(s: str) -> int:
     return int(s[:-1]) * 1024 if s.endswith("k") else int(s)
 
 
-def run_method(model, art, ids: torch.Tensor, dense_logits: torch.Tensor) -> dict:
-    """One forward with ``art`` applied: density it ran, and fidelity against ``dense_logits``."""
+def run_method(model, art, ids: torch.Tensor, dense_logits: torch.Tensor, make_hook=None) -> dict:
+    """One forward with ``art`` applied: density it ran, and fidelity against ``dense_logits``.
+    ``make_hook(handle)`` may return a ``layout_hook`` that replaces the planned layouts."""
     from dam.runtime import apply
     from dam.runtime.baselines import causal_block_mask
-    from dam.runtime.evaluate import compare_logits
+    from dam.runtime.evaluate import compare_logits, compare_tail
 
     n = ids.numel()
     B = art.block_size
     causal = float(causal_block_mask(n, n, B).sum())
     dens = []
 
-    def observe(layer, q, k, layout):  # the layout every layer really ran
-        dens.append(float(layout.kv_counts[0].sum(-1).double().mean()) / causal)
-        return layout
-
     with apply(model, art, backend="cpu", min_length=1) as h:
+        inner = make_hook(h) if make_hook is not None else None
+
+        def observe(layer, q, k, layout):  # the layout every layer really ran
+            if inner is not None:
+                layout = inner(layer, q, k, layout)
+            dens.append(float(layout.kv_counts[0].sum(-1).double().mean()) / causal)
+            return layout
+
         h.layout_hook = observe
         t = time.perf_counter()
         logits = model(ids[None]).logits[0]
         wall = time.perf_counter() - t
     top1, kl, nll, dnll = compare_logits(dense_logits, logits, ids)
-    q4 = 3 * n // 4
-    top1_q4, kl_q4, _, _ = compare_logits(dense_logits[q4:], logits[q4:], ids[q4:])
+    top1_q4, kl_q4 = compare_tail(dense_logits, logits, ids)
     return {"density": sum(dens) / len(dens), "top1": top1, "kl": kl, "dppl": math.exp(nll - dnll) - 1.0,
             "top1_q4": top1_q4, "kl_q4": kl_q4, "wall_s": wall}
 

@@ -11,7 +11,6 @@ MInference-style baseline alone at the hybrid's measured density, on one held-ou
 from __future__ import annotations
 
 import json
-import math
 import platform
 import sys
 
@@ -21,12 +20,12 @@ KEYS = ("density", "top1", "kl", "dppl", "top1_q4", "kl_q4")
 
 
 def main() -> None:
+    from bench_objective import run_method  # this directory's sibling script
+
     from dam.compiler import load_artifact
     from dam.kernels import BlockLayout
     from dam.profiler import calibration_samples, load_model
-    from dam.runtime import apply
     from dam.runtime.baselines import MInferenceHook, _scale, minference_mask
-    from dam.runtime.evaluate import compare_logits
 
     n, extra, start, out_path = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     torch.set_grad_enabled(False)
@@ -36,7 +35,6 @@ def main() -> None:
     art = load_artifact("artifacts/smollm2-135m.dam.safetensors")
     B = art.block_size
     nb = -(-n // B)
-    causal = nb * (nb + 1) / 2
 
     def layout_mask(layout: BlockLayout) -> torch.Tensor:
         idx, cnt = layout.kv_indices[0].long(), layout.kv_counts[0].long()
@@ -46,36 +44,27 @@ def main() -> None:
         m.scatter_(-1, torch.where(valid, idx, nb), True)
         return m[..., :nb]
 
-    def run(mode: str, density: float | None = None) -> tuple[float, ...]:
-        dens = []
-        with apply(model, art, backend="cpu", min_length=1) as h:
-            def hook(layer, q, k, layout):
-                if mode == "minference":
-                    layout = MInferenceHook(h, density)(layer, q, k, layout)
-                elif mode == "hybrid":
-                    m = layout_mask(layout)
-                    if float(m.sum()) / (m.shape[0] * causal) < 0.999:
-                        m = m | minference_mask(q, k, _scale(h._modules[layer], q.shape[-1]), B, min(1.0, extra), 64)
-                    layout = BlockLayout.from_block_mask(m[None], B, B)
-                dens.append(float(layout.kv_counts[0].sum()) / (layout.kv_counts.shape[1] * causal))
-                return layout
+    def hybrid(h):
+        causal = nb * (nb + 1) / 2
 
-            h.layout_hook = hook
-            logits = model(x[None]).logits[0]
-        q4 = 3 * n // 4
-        top1, kl, nll, dnll = compare_logits(dense, logits, x)
-        top1_q4, kl_q4, _, _ = compare_logits(dense[q4:], logits[q4:], x[q4:])
-        return sum(dens) / len(dens), top1, kl, math.exp(nll - dnll) - 1.0, top1_q4, kl_q4
+        def hook(layer, q, k, layout):
+            m = layout_mask(layout)
+            if float(m.sum()) / (m.shape[0] * causal) < 0.999:  # DAM's dense layers stay as they are
+                m = m | minference_mask(q, k, _scale(h._modules[layer], q.shape[-1]), B, min(1.0, extra), 64)
+            return BlockLayout.from_block_mask(m[None], B, B)
 
-    res = {"dam": run("dam")}
-    res["hybrid"] = run("hybrid")
-    res["minference_at_hybrid_density"] = run("minference", res["hybrid"][0])
+        return hook
+
+    res = {"dam": run_method(model, art, x, dense)}
+    res["hybrid"] = run_method(model, art, x, dense, hybrid)
+    d = res["hybrid"]["density"]
+    res["minference_at_hybrid_density"] = run_method(model, art, x, dense, lambda h: MInferenceHook(h, d))
     for name, r in res.items():
-        print(f"{name:30s} " + " ".join(f"{k} {v:.4f}" for k, v in zip(KEYS, r, strict=True)), flush=True)
+        print(f"{name:30s} " + " ".join(f"{k} {r[k]:.4f}" for k in KEYS), flush=True)
     with open(out_path, "w", encoding="utf-8") as fh:
         json.dump({"args": {"length": n, "extra_density": extra, "start": start}, "device": "cpu",
                    "torch": torch.__version__, "platform": platform.platform(),
-                   **{name: dict(zip(KEYS, r, strict=True)) for name, r in res.items()}}, fh, indent=1)
+                   **{name: {k: r[k] for k in KEYS} for name, r in res.items()}}, fh, indent=1)
     print("wrote", out_path)
 
 

@@ -211,10 +211,10 @@ class _Recorder:
             out[..., i0:i1, :] = o
             ca, kb, a0 = math.ceil(c / bs), math.ceil(K / bs), i0 // bs
             # value-aware block weight: || sum_{j in b} p_ij (o_i - v_j) || per (row, key block)
-            pk = p if kb * bs == K else torch.nn.functional.pad(p, (0, kb * bs - K))
-            pk = pk.reshape(B, Hkv, G, c, kb, bs)
-            vk = vg[..., :K, :] if kb * bs == K else torch.nn.functional.pad(vg[..., :K, :], (0, 0, 0, kb * bs - K))
-            part = torch.einsum("zhgikj,zhxkjd->zhgikd", pk, vk.reshape(B, Hkv, 1, kb, bs, -1))
+            tail = kb * bs - K  # keys padding the last key block (zero probability, zero value)
+            pk = torch.nn.functional.pad(p, (0, tail)).reshape(B, Hkv, G, c, kb, bs)
+            vk = torch.nn.functional.pad(vg[..., :K, :], (0, 0, 0, tail)).reshape(B, Hkv, 1, kb, bs, -1)
+            part = torch.einsum("zhgikj,zhxkjd->zhgikd", pk, vk)
             e = (pk.sum(-1).unsqueeze(-1) * o.unsqueeze(-2) - part).norm(dim=-1)  # [B,Hkv,G,c,kb]
             del pk, part, o
             e = e.reshape(B, H, c, kb)

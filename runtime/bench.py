@@ -62,6 +62,11 @@ class BenchConfig:
             raise DamRuntimeError(f"decode must be auto, sparse or dense, got {self.decode!r}")
 
 
+def _apply(model, artifact, config: BenchConfig):
+    """DAM on ``model`` as the benchmark runs it (backend, min_length, decode from ``config``)."""
+    return apply(model, artifact, backend=config.backend, min_length=config.min_length, decode=config.decode)
+
+
 @dataclass
 class BenchRow:
     """One length's medians (seconds, bytes) and ratios dense / DAM."""
@@ -250,15 +255,13 @@ def bench(
             raise DamRuntimeError(f"inputs[{n}] must be [1, N], got {tuple(ids.shape)}")
         if n < config.min_length:
             log.warning("length %d < min_length %d: DAM runs dense SDPA there", n, config.min_length)
-        handle = apply(model, artifact, backend=config.backend, min_length=config.min_length,
-                                decode=config.decode)
+        handle = _apply(model, artifact, config)
         handle.remove()  # re-applied per run below; validated once here
         times: dict[str, list[float]] = {"dense": [], "dam": []}
         dec: dict[str, list[float]] = {"dense": [], "dam": []}
         for r in range(runs):
             for mode in ("dense", "dam"):
-                h = apply(model, artifact, backend=config.backend, min_length=config.min_length,
-                                decode=config.decode) \
+                h = _apply(model, artifact, config) \
                     if mode == "dam" else None
                 try:
                     box: dict = {}
@@ -284,8 +287,7 @@ def bench(
                     progress(done, total)
         peaks: dict[str, int | None] = {}
         for mode in ("dense", "dam"):
-            h = apply(model, artifact, backend=config.backend, min_length=config.min_length,
-                                decode=config.decode) if mode == "dam" else None
+            h = _apply(model, artifact, config) if mode == "dam" else None
             try:
                 with _PeakMemory(dev) as pm, torch.no_grad():
                     model(ids, use_cache=True)

@@ -234,6 +234,13 @@ def compare_logits(dense_logits: torch.Tensor, logits: torch.Tensor, ids: torch.
     return agree / N, kl / N, nll / (N - 1), dnll / (N - 1)
 
 
+def compare_tail(dense_logits: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, float]:
+    """``(top1, kl)`` of :func:`compare_logits` over the last quarter of the positions only."""
+    q4 = (3 * ids.numel()) // 4
+    top1, kl, _, _ = compare_logits(dense_logits[q4:], logits[q4:], ids[q4:])
+    return top1, kl
+
+
 def answer_correct(logits: torch.Tensor, prompt_len: int, answer_ids: Sequence[int]) -> bool:
     """Greedy exact match of the answer span: ``logits [N + a, V]`` of prompt + answer."""
     a = len(answer_ids)
@@ -317,8 +324,7 @@ def evaluate(
                 target = {"density": r.density, "recall": min(r.recall, 1.0)}
             if sample.kind == "text":
                 r.top1, r.kl, r.nll, _ = compare_logits(dense_logits, logits, ids)
-                q4 = (3 * n) // 4
-                r.top1_q4, r.kl_q4, _, _ = compare_logits(dense_logits[q4:], logits[q4:], ids[q4:])
+                r.top1_q4, r.kl_q4 = compare_tail(dense_logits, logits, ids)
             else:
                 r.correct = answer_correct(logits, n, sample.answer_ids)
             log.info("%s %s N=%d: density %.4f recall %.4f top1 %s", m, sample.kind, n, r.density, r.recall,
@@ -336,4 +342,4 @@ def order_methods(methods: Sequence[str]) -> list[str]:
 
 
 __all__ = ["METHODS", "RUNTIME_METHODS", "TASKS", "EvalConfig", "EvalReport", "EvalSample", "MethodResult",
-           "answer_correct", "compare_logits", "evaluate"]
+           "answer_correct", "compare_logits", "compare_tail", "evaluate"]

@@ -92,9 +92,6 @@ def test_decode_policy(monkeypatch):
     monkeypatch.setattr(_kernels, "sparse_decode", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     outs = {}
     with torch.no_grad():
-        cache = DynamicCache(config=model.config)
-        model(ids[:, :-1], past_key_values=cache, use_cache=True)
-        want = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits  # dense decode step
         for mode in ("auto", "dense", "sparse"):
             calls.clear()
             with rt.apply(model, art, backend="reference", min_length=1, decode=mode):
@@ -104,8 +101,6 @@ def test_decode_policy(monkeypatch):
     assert outs["auto"][1] == outs["dense"][1] == 0 and outs["sparse"][1] == model.config.num_hidden_layers
     torch.testing.assert_close(outs["auto"][0], outs["dense"][0], rtol=0, atol=0)
     assert not torch.allclose(outs["sparse"][0], outs["dense"][0], **TOL)  # the sparse mask matters here
-    # the dense decode attends the whole (DAM-prefilled) cache: it is not the dense model's output
-    assert outs["dense"][0].shape == want.shape
 
 
 def test_only_this_instance_is_switched():
