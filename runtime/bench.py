@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 class BenchConfig:
     """Attributes: repeats (median over them), warmup (untimed runs first), decode_tokens (steps
     timed per decode run), backend, min_length (as :func:`dam.runtime.apply`), attention_layer
-    (the layer of the attention-only timing; None = the middle layer)."""
+    (the layer of the attention-only timing; None = the middle layer), decode (see
+    :class:`dam.runtime.RuntimeConfig`), last_query (``None``: the artifact's default)."""
 
     repeats: int = 3
     warmup: int = 1
@@ -48,6 +49,7 @@ class BenchConfig:
     min_length: int = 1024
     attention_layer: int | None = None
     decode: str = "auto"
+    last_query: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("repeats", "decode_tokens", "min_length"):
@@ -63,8 +65,9 @@ class BenchConfig:
 
 
 def _apply(model, artifact, config: BenchConfig):
-    """DAM on ``model`` as the benchmark runs it (backend, min_length, decode from ``config``)."""
-    return apply(model, artifact, backend=config.backend, min_length=config.min_length, decode=config.decode)
+    """DAM on ``model`` as the benchmark runs it (backend, min_length, decode, last_query from ``config``)."""
+    return apply(model, artifact, backend=config.backend, min_length=config.min_length, decode=config.decode,
+                 last_query=config.last_query)
 
 
 @dataclass
@@ -296,7 +299,7 @@ def bench(
                     h.remove()
             peaks[mode] = pm.peak
         # attention only
-        with apply(model, artifact, backend=config.backend, min_length=1) as h:
+        with apply(model, artifact, backend=config.backend, min_length=1, last_query=config.last_query) as h:
             q, k, v, layout = _capture_qkv(model, h, layer, ids)
             mod = h._modules[layer]
             scale = float(getattr(mod, "scaling", 1.0 / math.sqrt(q.shape[-1])))

@@ -58,6 +58,8 @@ class EvalConfig:
         backend: kernel backend for :func:`dam.runtime.apply`.
         minference_last_q: queries the MInference-style estimate looks at.
         max_elements: scores per chunk when computing exact attention mass.
+        last_query: DAM's last-query estimate budget (``None``: the artifact's default; see
+            :class:`dam.runtime.RuntimeConfig`). Artifact baselines keep their own default.
     """
 
     methods: tuple[str, ...] = ("dam", "streaming", "oracle", "minference")
@@ -65,6 +67,7 @@ class EvalConfig:
     backend: str = "auto"
     minference_last_q: int = 64
     max_elements: int = 1 << 24
+    last_query: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "methods", tuple(self.methods))
@@ -306,7 +309,9 @@ def evaluate(
                 if key not in stream_cache:
                     stream_cache[key] = streaming_artifact(dam_art, full.numel(), target["density"])
                 art = stream_cache[key]
-            with apply(model, art, backend=config.backend, min_length=1) as handle:
+            # the hooks replace the layouts: no estimate to compute under them
+            lq = config.last_query if m == "dam" else 0.0 if m in ("oracle", "minference") else None
+            with apply(model, art, backend=config.backend, min_length=1, last_query=lq) as handle:
                 if m == "oracle":
                     hook = OracleHook(handle, target["recall"], config.max_elements)
                 elif m == "minference":

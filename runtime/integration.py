@@ -60,6 +60,11 @@ class RuntimeConfig:
             CPU, sparse on a GPU. On the CPU a decode step is memory-bound and the block gathers
             plus per-step planning cost more than they save: SmolLM2 at 8K measured 627 ms per
             token sparse vs 134 ms dense (``benchmarks/results/bench_smollm2_8k_cpu.json``).
+        last_query: budget of blocks estimated per input from the last queries' attention
+            (vertical and slash elements, :mod:`dam.runtime.estimate`), added to every non-dense
+            head on prefill calls, as a fraction of its causal blocks; 0 turns it off. ``None``:
+            the artifact's ``metadata["runtime"]["last_query"]`` (0 when absent).
+        last_query_queries: how many last queries estimate (``None``: the artifact's, else 64).
     """
 
     backend: str = "auto"
@@ -67,6 +72,8 @@ class RuntimeConfig:
     block_size: int | None = None
     plan_cache_size: int = 16
     decode: str = "auto"
+    last_query: float | None = None
+    last_query_queries: int | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in _kernels.BACKENDS:
@@ -80,6 +87,24 @@ class RuntimeConfig:
             raise DamRuntimeError(f"plan_cache_size must be a positive int, got {self.plan_cache_size!r}")
         if self.decode not in DECODE_MODES:
             raise DamRuntimeError(f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
+        lq = self.last_query
+        if lq is not None and (isinstance(lq, bool) or not isinstance(lq, (int, float)) or not 0.0 <= lq <= 1.0):
+            raise DamRuntimeError(f"last_query must be a fraction in [0, 1] or None, got {lq!r}")
+        n = self.last_query_queries
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise DamRuntimeError(f"last_query_queries must be a positive int or None, got {n!r}")
+
+    def resolve_last_query(self, artifact: Artifact) -> tuple[float, int]:
+        """``(fraction, queries)``: this config's values, else the artifact's runtime defaults."""
+        meta = artifact.metadata.get("runtime", {}) if isinstance(artifact.metadata, dict) else {}
+        meta = meta if isinstance(meta, dict) else {}
+        frac = self.last_query if self.last_query is not None else meta.get("last_query", 0.0)
+        n = self.last_query_queries if self.last_query_queries is not None else meta.get("last_query_queries", 64)
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac <= 1.0:
+            raise ArtifactError(f"artifact metadata runtime.last_query must be a fraction in [0, 1], got {frac!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ArtifactError(f"artifact metadata runtime.last_query_queries must be a positive int, got {n!r}")
+        return float(frac), int(n)
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,6 +221,7 @@ class DamHandle:
         self._row_key = [tuple(int(x) for x in row) for row in artifact.head_program]
         self._all_dense = [all(artifact.programs[int(k)].dense for k in row) for row in artifact.head_program]
         self._planners: dict[tuple[tuple[int, ...], str], Planner] = {}
+        self.last_query, self.last_query_queries = config.resolve_last_query(artifact)
         #: optional ``fn(layer, q, k, layout) -> BlockLayout`` called on every block-sparse call
         #: with the planned layout; what it returns is run. For evaluation: observe the layouts
         #: (return them unchanged) or substitute another method's (oracle, baselines).
@@ -251,7 +277,8 @@ class DamHandle:
         key = (self._row_key[layer], str(dev))
         p = self._planners.get(key)
         if p is None:
-            p = Planner(self.artifact.layer_programs(layer), self.block_size, dev, self.config.plan_cache_size)
+            p = Planner(self.artifact.layer_programs(layer), self.block_size, dev, self.config.plan_cache_size,
+                        last_query=self.last_query, last_query_queries=self.last_query_queries)
             self._planners[key] = p
         return p
 
@@ -371,6 +398,8 @@ def apply(
     block_size: int | None = None,
     plan_cache_size: int = 16,
     decode: str = "auto",
+    last_query: float | None = None,
+    last_query_queries: int | None = None,
 ) -> DamHandle:
     """Run ``model``'s attention through DAM with ``artifact`` (an :class:`Artifact` or a path).
 
@@ -382,21 +411,23 @@ def apply(
         a :class:`DamHandle` (context manager); ``handle.remove()`` restores the model exactly.
     """
     cfg = RuntimeConfig(backend=backend, min_length=min_length, block_size=block_size,
-                        plan_cache_size=plan_cache_size, decode=decode)
+                        plan_cache_size=plan_cache_size, decode=decode, last_query=last_query,
+                        last_query_queries=last_query_queries)
     art = _resolve_artifact(artifact)
     if not hasattr(model, "config"):
         raise DamRuntimeError(f"expected a transformers model with a .config, got {type(model).__name__}")
     art.check_compatible(model.config)
     handle = DamHandle(model, art, cfg)
     handle._install()
-    log.info("DAM applied: %d layers, block %d, backend %s, min_length %d, decode %s",
-             art.num_layers, handle.block_size, cfg.backend, cfg.min_length, cfg.decode)
+    log.info("DAM applied: %d layers, block %d, backend %s, min_length %d, decode %s, last-query %.3g (%d)",
+             art.num_layers, handle.block_size, cfg.backend, cfg.min_length, cfg.decode, handle.last_query,
+             handle.last_query_queries)
     return handle
 
 
 def load(model_id_or_path: str | os.PathLike, artifact: Artifact | str | os.PathLike,
          *, backend: str = "auto", min_length: int = 1024, decode: str = "auto",
-         **from_pretrained_kwargs: Any):
+         last_query: float | None = None, **from_pretrained_kwargs: Any):
     """``AutoModelForCausalLM.from_pretrained(model_id_or_path, **kwargs)`` with DAM applied.
 
     The handle is kept as ``model.dam_handle`` (call ``model.dam_handle.remove()`` to undo).
@@ -412,7 +443,8 @@ def load(model_id_or_path: str | os.PathLike, artifact: Artifact | str | os.Path
     art.check_compatible(config)
     model = AutoModelForCausalLM.from_pretrained(model_id_or_path, **from_pretrained_kwargs)
     model.eval()
-    model.dam_handle = apply(model, art, backend=backend, min_length=min_length, decode=decode)
+    model.dam_handle = apply(model, art, backend=backend, min_length=min_length, decode=decode,
+                             last_query=last_query)
     return model
 
 

@@ -43,6 +43,7 @@ from dam.compiler import MaskProgram
 from dam.kernels import BlockLayout
 
 from .errors import DamRuntimeError
+from .estimate import last_query_mask
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -352,6 +353,10 @@ class Planner:
         block_size: the block size (a power of two >= 16; ``block_m == block_n``).
         device: where tables, masks and layouts live.
         cache_size: how many ``(q_len, kv_len)`` entries to keep (LRU).
+        last_query: budget of blocks estimated from the last queries (:mod:`.estimate`), added to
+            every non-dense head, as a fraction of its causal blocks (0: off). Applies to calls
+            with at least ``block_size`` queries (prefill and chunks, not decode steps).
+        last_query_queries: how many last queries estimate.
     """
 
     def __init__(
@@ -360,7 +365,13 @@ class Planner:
         block_size: int,
         device: torch.device | str = "cpu",
         cache_size: int = 16,
+        last_query: float = 0.0,
+        last_query_queries: int = 64,
     ) -> None:
+        if not 0.0 <= float(last_query) <= 1.0:
+            raise DamRuntimeError(f"last_query must lie in [0, 1], got {last_query!r}")
+        if isinstance(last_query_queries, bool) or not isinstance(last_query_queries, int) or last_query_queries < 1:
+            raise DamRuntimeError(f"last_query_queries must be a positive int, got {last_query_queries!r}")
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 \
                 or block_size & (block_size - 1):
             raise DamRuntimeError(f"block_size must be a power of two >= 16, got {block_size!r}")
@@ -368,6 +379,9 @@ class Planner:
         self.device = torch.device(device)
         self.table = ProgramTable.encode(programs, self.device)
         self.cache_size = int(cache_size)
+        self.last_query = float(last_query)
+        self.last_query_queries = int(last_query_queries)
+        self._estimate_heads = (~self.table.dense).nonzero().squeeze(1)
         # (q_len, kv_len) -> (static layout [1,H,nqb,ms], dynamic bias [1,Hd,nqb,nkb] | None,
         #                     dynamic budget [1,Hd,nqb] | None)
         self._cache: OrderedDict[tuple[int, int], tuple[BlockLayout, torch.Tensor | None,
@@ -376,6 +390,30 @@ class Planner:
     @property
     def has_dynamic(self) -> bool:
         return self.table.num_dynamic > 0
+
+    def estimates(self, q_len: int) -> bool:
+        """Whether a call with ``q_len`` queries adds the last-query estimate."""
+        return self.last_query > 0 and q_len >= self.block_size and self._estimate_heads.numel() > 0
+
+    def _with_estimate(self, mask, q, k, q_lens, kv_lens, scale) -> BlockLayout:
+        """Static ``mask [1 or Bt, H, nqb, nkb]`` + dynamic + last-query blocks -> layout (one sync)."""
+        B, Bt = self.block_size, q.shape[0]
+        mask = mask.expand(Bt, -1, -1, -1).clone()
+        if self.has_dynamic:
+            dh = self.table.dynamic_heads
+            mask[:, dh] |= dynamic_block_mask(self.table, mask, q, k, q_lens, kv_lens, B, scale)
+        eh = self._estimate_heads
+        lq, lk = q_lens.tolist(), kv_lens.tolist()
+        uniform = len(set(lq)) == 1 and len(set(lk)) == 1 and lq[0] == q.shape[2] and lk[0] == k.shape[2]
+        for b in [slice(None)] if uniform else range(Bt):
+            rows = b if uniform else slice(b, b + 1)
+            nq, nk = (lq[0], lk[0]) if uniform else (lq[b], lk[b])
+            nqb, nkb = _cdiv(nq, B), _cdiv(nk, B)
+            sub = mask[rows, :, :nqb, :nkb]  # a view of mask
+            cur = sub[:, eh]
+            sub[:, eh] = cur | last_query_mask(q[rows, :, :nq], k[rows, :, :nk], cur, eh, self.last_query,
+                                               self.last_query_queries, B, scale)
+        return mask_to_layout(mask, B)
 
     def _static(self, q_len: int, kv_len: int):
         key = (q_len, kv_len)
@@ -414,16 +452,24 @@ class Planner:
         """
         _check_lengths(q_len, kv_len)
         layout, bias, budget = self._static(q_len, kv_len)
-        if bias is None:
+        estimate = self.estimates(q_len)
+        if bias is None and not estimate:
             return layout
         if q is None or k is None:
+            why = "dynamic heads" if bias is not None else "a last-query estimate"
             raise DamRuntimeError(
-                "this layer has dynamic heads: pass q [B, Hq, q_len, D] and k [B, Hkv, kv_len, D] to plan"
+                f"this layer has {why}: pass q [B, Hq, q_len, D] and k [B, Hkv, kv_len, D] to plan"
             )
         if q.shape[2] != q_len or k.shape[2] != kv_len:
             raise DamRuntimeError(
                 f"q/k hold {q.shape[2]}/{k.shape[2]} positions but q_len/kv_len are {q_len}/{kv_len}"
             )
+        if estimate:
+            B, Bt = self.block_size, q.shape[0]
+            ql = torch.full((Bt,), q_len, device=self.device)
+            kl = torch.full((Bt,), kv_len, device=self.device)
+            mask = static_block_mask(self.table, ql[:1], kl[:1], _cdiv(q_len, B), _cdiv(kv_len, B), B)
+            return self._with_estimate(mask, q, k, ql, kl, scale)
         dyn = dynamic_indices(self.table, bias, budget, q, k, None, None, self.block_size, scale)
         return merge_layouts(layout, dyn, self.table.dynamic_heads)
 
@@ -449,6 +495,8 @@ class Planner:
         ql = q_lens.to(self.device, torch.int64)
         kl = kv_lens.to(self.device, torch.int64)
         mask = static_block_mask(self.table, ql, kl, nqb, nkb, B)
+        if self.estimates(q.shape[2]):
+            return self._with_estimate(mask, q, k, ql, kl, scale)
         layout = mask_to_layout(mask, B)
         if not self.has_dynamic:
             return layout

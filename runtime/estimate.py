@@ -1,0 +1,140 @@
+"""Run-time vertical-and-slash estimate from the last queries (``RuntimeConfig.last_query``).
+
+A static program cannot know where a given input's content-placed hot spots lie (a retrieved
+passage, a repeated phrase). MInference's observation is that the last few queries of a prompt
+already attend to them: their exact attention, pooled per key (*verticals*: every later query
+looks at key ``j``) and per offset (*slashes*: every query looks ``d`` tokens back), ranks the
+columns and diagonals worth adding. This module adds that estimate *on top of* a head's static
+(and dynamic) blocks, within a budget of new blocks.
+
+Per (row, head), with ``n = min(last_q, Nq)`` last queries at positions ``i_t``:
+
+* ``p = softmax(scale · q_t · k_j)`` over causal keys (float32);
+* element scores ``vert[j] = Σ_t p[t, j]`` and ``slash[d] = Σ_t p[t, i_t - d]``;
+* the 2·Nk elements are ranked by score together. Ranking *elements* rather than pooled blocks
+  is what tells the two apart: a key every last query reads (a needle) scores ``n·a`` as one
+  vertical element but only ``a`` per slash element (its offsets differ per query), and a true
+  diagonal the other way round;
+* the top ``m`` elements become blocks exactly: a vertical ``j`` keeps KV block ``j // B`` for
+  the query blocks whose last query is ``>= j``; a slash ``d`` keeps, for query block ``[i0, i1]``,
+  the KV blocks overlapping ``[i0 - d, i1 - d]`` (one or two). Both are interval tests done with a
+  prefix count over the selected elements (no loop over blocks);
+* ``m`` is the largest count whose *new* blocks (not in the given mask) stay within
+  ``floor(fraction · causal blocks)``; found by bisection, vectorised over rows and heads.
+
+Cost: ``n · Nk · D`` multiply-adds per head plus ``O(log Nk)`` mask passes of ``nQB · nKB``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import DamRuntimeError
+
+
+def last_query_scores(
+    q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, last_q: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Element scores of the last queries: ``vert [Bt, He, Nk]`` and ``slash [Bt, He, Nk]`` (float32).
+
+    Args:
+        q: ``[Bt, Hq, Nq, D]``, the last ``Nq`` of ``Nk`` positions; k: ``[Bt, Hkv, Nk, D]``.
+        heads: int64 ``[He]`` query heads to score (GQA by index).
+    """
+    Bt, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    n = min(int(last_q), Nq)
+    qs = q.index_select(1, heads)[:, :, Nq - n:].float() * scale  # [Bt, He, n, D]
+    ks = k.index_select(1, heads // (Hq // Hkv)).float()  # [Bt, He, Nk, D]
+    s = torch.matmul(qs, ks.transpose(-1, -2))  # [Bt, He, n, Nk]
+    qpos = torch.arange(Nk - n, Nk, device=q.device)
+    j = torch.arange(Nk, device=q.device)
+    s.masked_fill_(j[None, :] > qpos[:, None], float("-inf"))
+    p = torch.softmax(s, -1)
+    vert = p.sum(2)
+    src = qpos[:, None] - j[None, :]  # [n, Nk]: key index of offset d for query t
+    ok = src >= 0
+    g = torch.gather(p, -1, src.clamp(min=0).expand(Bt, p.shape[1], n, Nk))
+    slash = g.masked_fill_(~ok, 0.0).sum(2)
+    return vert, slash
+
+
+def _covered(sel: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Any selected element in ``[lo, hi]``: ``sel`` bool ``[..., N]``, ``lo``/``hi`` int64
+    ``[nqb, nkb]`` (empty where ``lo > hi``) -> bool ``[..., nqb, nkb]``."""
+    N = sel.shape[-1]
+    cs = torch.nn.functional.pad(sel.to(torch.int32).cumsum(-1), (1, 0))  # cs[x] = #selected < x
+    lo_c, hi_c = lo.clamp(0, N), (hi + 1).clamp(0, N)
+    flat = (*sel.shape[:-1], lo.numel())
+    cnt = torch.gather(cs, -1, hi_c.reshape(-1).expand(flat)) - torch.gather(cs, -1, lo_c.reshape(-1).expand(flat))
+    return (cnt > 0).view(*sel.shape[:-1], *lo.shape) & (lo <= hi)
+
+
+def last_query_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    current: torch.Tensor,
+    heads: torch.Tensor,
+    fraction: float,
+    last_q: int,
+    block_size: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The estimated blocks of ``heads``: bool ``[Bt, He, nQB, nKB]`` (see the module docstring).
+
+    Args:
+        q: ``[Bt, Hq, Nq, D]`` queries at the last ``Nq`` of ``Nk`` positions (all rows alike).
+        k: ``[Bt, Hkv, Nk, D]`` (post-RoPE).
+        current: bool ``[1 or Bt, He, nQB, nKB]``, the blocks those heads already keep; blocks
+            in it cost nothing against the budget.
+        heads: int64 ``[He]`` query-head indices.
+        fraction: budget of *new* blocks per (row, head), as a fraction of the causal blocks.
+        last_q: how many last queries estimate (``>= 1``).
+        block_size: ``B``.
+        scale: softmax scale (default ``D ** -0.5``).
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise DamRuntimeError(f"last-query fraction must lie in [0, 1], got {fraction}")
+    if last_q < 1:
+        raise DamRuntimeError(f"last-query count must be >= 1, got {last_q}")
+    B = int(block_size)
+    Bt, _, Nq, D = q.shape
+    Nk = k.shape[2]
+    nqb, nkb = -(-Nq // B), -(-Nk // B)
+    He = int(heads.shape[0])
+    dev = q.device
+    if He == 0 or fraction == 0.0:
+        return torch.zeros((Bt, He, nqb, nkb), dtype=torch.bool, device=dev)
+    scale = D ** -0.5 if scale is None else float(scale)
+    vert, slash = last_query_scores(q, k, heads, last_q, scale)
+    # geometry of query block a (absolute positions [i0, i1]) against KV block b ([b0, b0 + B - 1])
+    a = torch.arange(nqb, device=dev)
+    i0 = (Nk - Nq + a * B)[:, None]
+    i1 = (Nk - Nq + torch.clamp((a + 1) * B, max=Nq) - 1)[:, None]
+    b0 = (torch.arange(nkb, device=dev) * B)[None, :]
+    v_lo, v_hi = b0.expand(nqb, nkb), torch.minimum(b0 + B - 1, i1)  # verticals j in the block, j <= i1
+    s_lo, s_hi = (i0 - b0 - B + 1).clamp(min=0).expand(nqb, nkb), (i1 - b0).expand(nqb, nkb)  # offsets d
+    causal = (b0 <= i1).expand(nqb, nkb)
+    cur = current.expand(Bt, He, nqb, nkb)
+    free = causal & ~cur  # blocks that would cost budget
+    budget = math.floor(fraction * int(causal.sum()))
+    order = torch.cat([vert, slash], -1).argsort(-1, descending=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(2 * Nk, device=dev).expand_as(order))
+
+    def build(m: torch.Tensor) -> torch.Tensor:  # m int64 [Bt, He] -> bool [Bt, He, nqb, nkb]
+        sel = rank < m[..., None]
+        return _covered(sel[..., :Nk], v_lo, v_hi) | _covered(sel[..., Nk:], s_lo, s_hi)
+
+    lo = torch.zeros((Bt, He), dtype=torch.int64, device=dev)  # invariant: build(lo) within budget
+    hi = torch.full((Bt, He), 2 * Nk, dtype=torch.int64, device=dev)
+    for _ in range(max(1, math.ceil(math.log2(2 * Nk + 1)))):
+        mid = (lo + hi + 1) // 2
+        fits = (build(mid) & free).sum((-1, -2)) <= budget
+        lo = torch.where(fits, mid, lo)
+        hi = torch.where(fits, hi, mid - 1)
+    return build(lo) & causal
+
+
+__all__ = ["last_query_mask", "last_query_scores"]
