@@ -39,9 +39,10 @@ def _len(s: str) -> int:
     return int(s[:-1]) * 1024 if s.endswith("k") else int(s)
 
 
-def run_method(model, art, ids: torch.Tensor, dense_logits: torch.Tensor, make_hook=None) -> dict:
+def run_method(model, art, ids: torch.Tensor, dense_logits: torch.Tensor, make_hook=None, **apply_kwargs) -> dict:
     """One forward with ``art`` applied: density it ran, and fidelity against ``dense_logits``.
-    ``make_hook(handle)`` may return a ``layout_hook`` that replaces the planned layouts."""
+    ``make_hook(handle)`` may return a ``layout_hook`` that replaces the planned layouts;
+    ``apply_kwargs`` go to :func:`dam.runtime.apply` (e.g. ``last_query``)."""
     from dam.runtime import apply
     from dam.runtime.baselines import causal_block_mask
     from dam.runtime.evaluate import compare_logits, compare_tail
@@ -51,7 +52,7 @@ def run_method(model, art, ids: torch.Tensor, dense_logits: torch.Tensor, make_h
     causal = float(causal_block_mask(n, n, B).sum())
     dens = []
 
-    with apply(model, art, backend="cpu", min_length=1) as h:
+    with apply(model, art, backend="cpu", min_length=1, **apply_kwargs) as h:
         inner = make_hook(h) if make_hook is not None else None
 
         def observe(layer, q, k, layout):  # the layout every layer really ran

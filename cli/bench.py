@@ -21,10 +21,14 @@ from .common import one_line_errors, parse_lengths
               help="Calls attending fewer keys use dense SDPA (as in serving).")
 @click.option("--decode", type=click.Choice(["auto", "sparse", "dense"]), default="auto", show_default=True,
               help="DAM's decode steps: block-sparse, dense SDPA, or auto (dense on the CPU, sparse on a GPU).")
+@click.option("--last-query", default=None, type=click.FloatRange(0.0, 1.0),
+              help="DAM's last-query estimate budget per non-dense head, a fraction of causal blocks "
+                   "(default: the artifact's; 0: off).")
 @click.option("--device", default=None, help="torch device (default: cuda when present, else cpu).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the JSON here.")
 @one_line_errors
-def bench(model, artifact, lengths, data, repeats, warmup, decode_tokens, backend, min_length, decode, device, out):
+def bench(model, artifact, lengths, data, repeats, warmup, decode_tokens, backend, min_length, decode, last_query,
+          device, out):
     """Time MODEL with DAM's ARTIFACT against dense attention (GPU bf16 when present, else CPU fp32)."""
     import json
 
@@ -41,7 +45,7 @@ def bench(model, artifact, lengths, data, repeats, warmup, decode_tokens, backen
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
     cfg = BenchConfig(repeats=repeats, warmup=warmup, decode_tokens=decode_tokens, backend=backend,
-                      min_length=min_length, decode=decode)
+                      min_length=min_length, decode=decode, last_query=last_query)
     art = load_artifact(artifact)
     mdl, tok = load_model(model, device=device, dtype=dtype)
     inputs = {n: calibration_samples(data, tok, n, 1, start=64) for n in parse_lengths(lengths)}

@@ -45,6 +45,12 @@ def _clusters(text: str | None):
                    "mean density (cheap local heads go above it, diffuse heads below).")
 @click.option("--min-head-recall", default=0.0, show_default=True, type=float,
               help="With --allocate global: no head below this estimated recall.")
+@click.option("--last-query", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="Runtime default stored in the artifact: blocks estimated per input from the last "
+                   "queries' attention (verticals + slashes), added to each non-dense head, as a "
+                   "fraction of its causal blocks (0: off; `dam eval/bench --last-query` override it).")
+@click.option("--last-query-queries", default=64, show_default=True, type=click.IntRange(min=1),
+              help="How many last queries that estimate uses.")
 @click.option("--max-verticals", default=16, show_default=True, type=click.IntRange(min=0),
               help="Vertical columns per program (0: none; they sit at profiled positions).")
 @click.option("--max-slashes", default=16, show_default=True, type=click.IntRange(min=0),
@@ -56,8 +62,8 @@ def _clusters(text: str | None):
 @click.option("--seed", default=0, show_default=True, type=int, help="Clustering seed.")
 @one_line_errors
 def compile_cmd(store, out, recall, method, clusters, target_length, max_density, share_kv_groups,
-                tau, mu, dynamic, objective, allocate, min_head_recall, max_verticals, max_slashes, max_sink,
-                block_slashes, seed):
+                tau, mu, dynamic, objective, allocate, min_head_recall, last_query, last_query_queries,
+                max_verticals, max_slashes, max_sink, block_slashes, seed):
     """Compile the profile STORE (.zarr) into a mask artifact (.safetensors)."""
     import time
 
@@ -71,6 +77,7 @@ def compile_cmd(store, out, recall, method, clusters, target_length, max_density
         share_kv_groups=share_kv_groups, tau=tau, mu=mu, dynamic=dynamic, seed=seed,
         objective=objective, allocate=allocate, min_head_recall=min_head_recall, max_verticals=max_verticals,
         max_slashes=max_slashes, max_sink=max_sink, block_slashes=block_slashes,
+        last_query=last_query, last_query_queries=last_query_queries,
     )
     bar = tqdm(total=None, unit="head", desc="compile")
 

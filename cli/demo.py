@@ -36,7 +36,9 @@ def _stamp(path: str, settings: dict) -> None:
 @click.option("--profile-data", default="builtin:mix", show_default=True)
 @click.option("--profile-length", default="1k", show_default=True)
 @click.option("--profile-samples", default=3, show_default=True, type=click.IntRange(min=1))
-@click.option("--recall", default=0.95, show_default=True, type=float, help="Compile recall target.")
+@click.option("--recall", default=0.9, show_default=True, type=float, help="Compile recall target.")
+@click.option("--last-query", default=0.15, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="DAM's run-time last-query budget (as `dam compile --last-query`).")
 @click.option("--lengths", default="1k", show_default=True, help="Eval lengths.")
 @click.option("--eval-data", default="builtin:stdlib", show_default=True,
               help="Held-out text (stream items from --eval-start on).")
@@ -50,7 +52,7 @@ def _stamp(path: str, settings: dict) -> None:
 @click.option("--device", default=None, help="torch device (default: cuda when present, else cpu).")
 @click.option("--overwrite", is_flag=True, help="Recompute every step even when its outputs exist.")
 @one_line_errors
-def demo(model, out, profile_data, profile_length, profile_samples, recall, lengths, eval_data, eval_start,
+def demo(model, out, profile_data, profile_length, profile_samples, recall, last_query, lengths, eval_data, eval_start,
          samples, bench_lengths, repeats, backend, device, overwrite):
     """Profile, compile, evaluate and benchmark DAM end to end; print one summary table."""
     import torch
@@ -96,10 +98,12 @@ def demo(model, out, profile_data, profile_length, profile_samples, recall, leng
     arts = {}
     for name, method in (("dam", "recall"), ("dam-paper", "dam-paper")):
         path = os.path.join(out, f"{name}.safetensors")
-        csettings = {**psettings, "method": method, "recall": recall, "target_length": target}
+        lq = last_query if method == "recall" else 0.0
+        csettings = {**psettings, "method": method, "recall": recall, "target_length": target, "last_query": lq}
         if overwrite or not _stamp_ok(path, csettings):
             click.echo(f"[2/4] compile {name} (target length {target}) -> {path}")
-            res = compile_profile(store, CompileConfig(method=method, recall=recall, target_length=target))
+            res = compile_profile(store, CompileConfig(method=method, recall=recall, target_length=target,
+                                                       last_query=lq))
             save_artifact(res.artifact, path)
             _stamp(path, csettings)
         else:

@@ -40,12 +40,15 @@ def _csv(choices):
 @click.option("--profile", "profile_store", default=None, type=click.Path(exists=True),
               help="Profile store to compile the dam-paper baseline from.")
 @click.option("--backend", type=click.Choice(["auto", "triton", "cpu"]), default="auto", show_default=True)
+@click.option("--last-query", default=None, type=click.FloatRange(0.0, 1.0),
+              help="DAM's last-query estimate budget per non-dense head, a fraction of causal blocks "
+                   "(default: the artifact's; 0: off).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--out", default="out/eval", show_default=True, type=click.Path(file_okay=False),
               help="Directory for eval.json and the PNG plots.")
 @one_line_errors
 def eval_cmd(model, artifact, data, start, seed, lengths, tasks, methods, samples, profile_store, backend,
-             device, out):
+             last_query, device, out):
     """Evaluate MODEL with DAM's ARTIFACT and baselines against dense attention."""
     from dam.compiler import load_artifact
     from dam.profiler import load_model
@@ -66,7 +69,7 @@ def eval_cmd(model, artifact, data, start, seed, lengths, tasks, methods, sample
             arts["dam-paper"] = paper_artifact(profile_store, max(lens))
     if "dam" not in methods:
         methods = ("dam", *methods)
-    cfg = EvalConfig(methods=methods, tasks=tasks, backend=backend)
+    cfg = EvalConfig(methods=methods, tasks=tasks, backend=backend, last_query=last_query)
     mdl, tok = load_model(model, device=device)
     inputs = build_samples(tok, data, lens, tasks, samples, seed=seed, start=start)
     progress, close = tqdm_progress("eval")

@@ -304,9 +304,15 @@ def _check_metadata(meta: dict[str, Any], L: int, H: int) -> None:
             f"num_attention_heads {H} is not a multiple of num_key_value_heads "
             f"{model['num_key_value_heads']}"
         )
-    for key in ("compile", "calibration"):
+    for key in ("compile", "calibration", "runtime"):
         if key in meta and not isinstance(meta[key], dict):
             raise ArtifactError(f"metadata '{key}' must be an object")
+    rt = meta.get("runtime", {})
+    lq, nq = rt.get("last_query", 0.0), rt.get("last_query_queries", 64)
+    if isinstance(lq, bool) or not isinstance(lq, (int, float)) or not 0.0 <= lq <= 1.0:
+        raise ArtifactError(f"metadata runtime.last_query must be a fraction in [0, 1], got {lq!r}")
+    if isinstance(nq, bool) or not isinstance(nq, int) or nq < 1:
+        raise ArtifactError(f"metadata runtime.last_query_queries must be a positive int, got {nq!r}")
 
 
 __all__ = ["artifact_bytes", "artifact_from_bytes", "artifact_tensors", "canonical_json",

@@ -55,6 +55,12 @@ class CompileConfig:
     allocate: ``"head"`` (every head meets ``recall``) or ``"global"`` (the *mean* over heads
         meets ``recall`` at the least mean density, every head at least ``min_head_recall``;
         see ``fit.allocate_global``; ``--method recall`` only, no clustering or KV sharing).
+    last_query: the runtime default written to ``metadata["runtime"]``: a budget of blocks the
+        runtime estimates per input from the last queries' attention (verticals and slashes,
+        ``dam.runtime.estimate``), added to every non-dense head as a fraction of its causal
+        blocks (0: off). The programs are fitted without it; ``figures`` add the density bound
+        ``mean_density_with_last_query`` (each non-dense head ``min(1, density + last_query)``).
+    last_query_queries: how many last queries the runtime estimate uses.
     """
 
     method: str = "recall"
@@ -75,6 +81,8 @@ class CompileConfig:
     allocate: str = "head"
     min_head_recall: float = 0.0
     objective: str = "auto"
+    last_query: float = 0.0
+    last_query_queries: int = 64
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -86,6 +94,11 @@ class CompileConfig:
             raise ArtifactError(f"clusters must be a positive int or 'auto', got {c!r}")
         if not (0.0 <= self.tau <= 1.0) or not (0.0 < self.mu <= 1.0):
             raise ArtifactError(f"tau must lie in [0, 1] and mu in (0, 1], got {self.tau}, {self.mu}")
+        lq, nq = self.last_query, self.last_query_queries
+        if isinstance(lq, bool) or not isinstance(lq, (int, float)) or not 0.0 <= lq <= 1.0:
+            raise ArtifactError(f"last_query must be a fraction in [0, 1], got {lq!r}")
+        if isinstance(nq, bool) or not isinstance(nq, int) or nq < 1:
+            raise ArtifactError(f"last_query_queries must be a positive int, got {nq!r}")
         if self.objective not in OBJECTIVES:
             raise ArtifactError(f"unknown objective {self.objective!r}; use one of {OBJECTIVES}")
         if self.allocate not in ALLOCATIONS:
@@ -217,6 +230,14 @@ def compile_profile(
     return CompileResult(art, d_head, d_kv, d_cl, n_clusters)
 
 
+def _with_last_query(dens: np.ndarray, assignment: dict, last_query: float) -> float:
+    """Mean density bound with the runtime's last-query budget added to every non-dense head."""
+    extra = np.zeros_like(dens)
+    for (layer, h), p in assignment.items():
+        extra[layer, h] = 0.0 if p.dense else last_query
+    return float(np.minimum(1.0, dens + extra).mean())
+
+
 def _build_artifact(prof, config, params, assignment, stats, d_head, d_kv, d_cl, n_clusters, objective):
     L, H, B = prof.num_layers, prof.num_heads, prof.block_size
     table: list[MaskProgram] = []
@@ -262,6 +283,7 @@ def _build_artifact(prof, config, params, assignment, stats, d_head, d_kv, d_cl,
         "mean_density_kv_shared": None if d_kv is None else round(float(d_kv), 6),
         "mean_density_clustered": None if d_cl is None else round(float(d_cl), 6),
         "mean_density": round(float(dens.mean()), 6),
+        "mean_density_with_last_query": round(float(_with_last_query(dens, assignment, config.last_query)), 6),
         "min_recall": round(float(recall.min()), 6),
         "mean_recall": round(float(recall.mean()), 6),
         "mean_recall_capture": round(float(recall_p.mean()), 6),
@@ -274,6 +296,7 @@ def _build_artifact(prof, config, params, assignment, stats, d_head, d_kv, d_cl,
         "calibration": calib,
         "profile": {k: prof.attrs.get(k) for k in ("schema", "dtype", "tool_version", "block_size")},
         "compile": cfg,
+        "runtime": {"last_query": float(config.last_query), "last_query_queries": int(config.last_query_queries)},
         "figures": figures,
         "tool_version": _tool_version(),
     }

@@ -51,6 +51,10 @@ def format_summary(art: Artifact, max_programs: int = 12) -> str:
              ("clustered", fig.get("mean_density_clustered"))]
     lines.append("mean density at target length: " + ", ".join(
         f"{k} {v:.4f}" for k, v in costs if v is not None))
+    lq = (art.metadata.get("runtime") or {}).get("last_query", 0.0)
+    if lq and fig.get("mean_density_with_last_query") is not None:
+        lines.append(f"runtime last-query estimate: +{lq:.3g} of causal blocks per non-dense head "
+                     f"(density at most {fig['mean_density_with_last_query']:.4f})")
     lines.append("")
     lines.append("layer  density  recall(min/mean)  recall@capture(min)  dense  programs")
     for layer in range(L):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -69,3 +70,21 @@ def test_errors_are_one_line(store, tmp_path, args, msg):
     assert r.exit_code != 0
     assert msg in r.output
     assert "Traceback" not in r.output
+
+
+def test_last_query_default_is_written_and_reported(store, tmp_path):
+    out = tmp_path / "lq.safetensors"
+    r = _run(["compile", store, "--out", str(out), "--target-length", "2k", "--last-query", "0.1",
+              "--last-query-queries", "32"])
+    assert r.exit_code == 0, r.output
+    assert "runtime last-query estimate: +0.1" in r.output
+    art = load_artifact(out)
+    assert art.metadata["runtime"] == {"last_query": 0.1, "last_query_queries": 32}
+    fig = art.metadata["figures"]
+    # the bound: every non-dense head +0.1 (capped at 1), dense heads unchanged
+    nd = np.array([[not art.programs[int(k)].dense for k in row] for row in art.head_program])
+    want = float(np.minimum(1.0, art.density + 0.1 * nd).mean())
+    assert fig["mean_density_with_last_query"] == pytest.approx(want, abs=1e-6)
+    assert fig["mean_density_with_last_query"] > fig["mean_density"]
+    bad = CliRunner().invoke(main, ["compile", store, "--out", str(out), "--last-query", "1.5"])
+    assert bad.exit_code != 0 and "--last-query" in bad.output

@@ -66,6 +66,15 @@ def test_eval_options_and_errors(tiny_dir, tmp_path):
     assert not any("passkey_acc" in row for row in rows)
     bad = CliRunner().invoke(main, [*base, "--tasks", "nope"])
     assert bad.exit_code != 0 and "choose from" in bad.output
+    lq = CliRunner().invoke(main, [*base, "--tasks", "fidelity", "--methods", "streaming", "--last-query", "0.2",
+                                   "--out", str(tmp_path / "c")])
+    assert lq.exit_code == 0, lq.output
+    rows_lq = json.loads((tmp_path / "c" / "eval.json").read_text())["rows"]
+    d0 = next(r["density"] for r in rows if r["method"] == "dam")
+    d1 = next(r["density"] for r in rows_lq if r["method"] == "dam")
+    assert d1 > d0  # the estimate added blocks
+    bad_lq = CliRunner().invoke(main, [*base, "--last-query", "2"])
+    assert bad_lq.exit_code != 0 and "--last-query" in bad_lq.output
     missing = CliRunner().invoke(main, [*base, "--data", "/no/such/file.txt", "--out", str(tmp_path / "b")])
     assert missing.exit_code == 1 and "Error: ProfileError" in missing.output
 
@@ -75,9 +84,11 @@ def test_bench_command(tiny_dir, tmp_path):
     r = CliRunner().invoke(main, [
         "bench", str(tiny_dir / "model"), "--artifact", str(tiny_dir / "art.safetensors"),
         "--data", str(tiny_dir / "text.txt"), "--lengths", "128", "--repeats", "1", "--warmup", "0",
-        "--decode-tokens", "2", "--min-length", "1", "--backend", "cpu", "--device", "cpu", "--out", str(out)])
+        "--decode-tokens", "2", "--min-length", "1", "--backend", "cpu", "--device", "cpu", "--last-query", "0.1",
+        "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert "prefill dense" in r.output and "cpu, float32" in r.output
     data = json.loads(out.read_text())
     row = data["rows"][0]
     assert row["length"] == 128 and row["prefill_dense_s"] > 0 and row["attn_dam_s"] > 0
+    assert data["config"]["last_query"] == 0.1
