@@ -32,7 +32,7 @@ def main() -> None:
     panels = (("top1", "top-1 agreement", False), ("kl", "KL(dense ‖ sparse)", True),
               ("top1_q4", "top-1, last quarter", False), ("kl_q4", "KL, last quarter", True))
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
-    for ax, (key, title, log) in zip(axes, panels):
+    for ax, (key, title, log) in zip(axes, panels, strict=True):
         for name, style in (("dam", dict(color="C0", marker="o")), ("minference", dict(color="C1", marker="s"))):
             xs = [r[name]["density"] for r in rows]
             ys = [r[name][key] for r in rows]

@@ -31,7 +31,7 @@ def main() -> None:
     from dam.cli.common import parse_length
     from dam.compiler import load_artifact
     from dam.profiler import calibration_samples, load_model
-    from dam.runtime.baselines import MInferenceHook
+    from dam.runtime.baselines import ElementVSHook, MInferenceHook
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=64, help="held-out window (stream item index)")
     ap.add_argument("--artifacts", required=True, help="comma-separated artifact paths")
     ap.add_argument("--fractions", default="0.1", help="comma-separated last-query budgets")
+    ap.add_argument("--element-baseline", action="store_true",
+                    help="also run DAM's element-level estimator alone (no programs) at DAM's density")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     n = parse_length(a.length)
@@ -59,12 +61,15 @@ def main() -> None:
             dam = run_method(model, art, x, dense, last_query=f)
             d = dam["density"]
             minf = run_method(model, art, x, dense, lambda h, d=d: MInferenceHook(h, d), last_query=0.0)
-            for name, r in (("dam", dam), ("minference", minf)):
+            res = {"dam": dam, "minference": minf}
+            if a.element_baseline:
+                res["element_vs"] = run_method(model, art, x, dense, lambda h, d=d: ElementVSHook(h, d), last_query=0.0)
+            for name, r in res.items():
                 print(f"recall {recall} last-query {f:.2f} {name:10s} " + " ".join(f"{k} {r[k]:.4f}" for k in KEYS),
                       flush=True)
             rec["rows"].append({"length": n, "start": a.start, "artifact": os.path.basename(path),
                                 "compile_recall": recall, "last_query": f,
-                                "dam": {k: dam[k] for k in KEYS}, "minference": {k: minf[k] for k in KEYS}})
+                                **{name: {k: r[k] for k in KEYS} for name, r in res.items()}})
             with open(a.out, "w", encoding="utf-8") as fh:
                 json.dump(rec, fh, indent=1)
     print("wrote", a.out)

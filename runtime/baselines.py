@@ -217,5 +217,52 @@ def minference_mask(q: torch.Tensor, k: torch.Tensor, scale: float, B: int, dens
     return out
 
 
-__all__ = ["MInferenceHook", "OracleHook", "causal_block_mask", "diagonal_block_mask",
+class ElementVSHook:
+    """``layout_hook``: the diagonal and first key block plus DAM's element-level last-query
+    estimate (:func:`dam.runtime.estimate.last_query_mask`) alone, no static program, with the
+    budget that brings each head to ``density`` of the causal blocks. It isolates what the
+    estimator contributes: DAM's programs + estimate against this at equal density measures what
+    the programs add. Batch 1, queries = the last ``Nq`` of ``Nk`` positions.
+    """
+
+    def __init__(self, handle, density: float, last_q: int = 64) -> None:
+        if not 0.0 < density <= 1.0:
+            raise DamRuntimeError(f"density must lie in (0, 1], got {density}")
+        self.handle = handle
+        self.density = float(density)
+        self.last_q = int(last_q)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, layout: BlockLayout) -> BlockLayout:
+        from .estimate import last_query_mask
+
+        if q.shape[0] != 1:
+            raise DamRuntimeError("the element vertical-slash baseline runs batch 1")
+        B = layout.block_m
+        nq, nk, H = q.shape[2], k.shape[2], q.shape[1]
+        causal = causal_block_mask(nq, nk, B, q.device)
+        base = diagonal_block_mask(nq, nk, B, q.device) | (causal & (torch.arange(causal.shape[1],
+                                                                                  device=q.device) == 0))
+        cur = base[None, None].expand(1, H, -1, -1)
+        heads = torch.arange(H, device=q.device)
+        scale = _scale(self.handle._modules[layer], q.shape[-1])
+        total = float(causal.sum()) * H
+
+        def run(frac: float) -> torch.Tensor:
+            return cur | last_query_mask(q, k, cur, heads, frac, self.last_q, B, scale)
+
+        # the budget is an upper bound (the ranked prefix stops at the first element that does not
+        # fit): bisect the fraction to the smallest one whose mean density reaches the target
+        lo, hi = 0.0, 1.0
+        best = run(hi)
+        for _ in range(10):
+            mid = (lo + hi) / 2
+            m = run(mid)
+            if float(m.sum()) / total >= self.density:
+                hi, best = mid, m
+            else:
+                lo = mid
+        return BlockLayout.from_block_mask(best, B, B)
+
+
+__all__ = ["ElementVSHook", "MInferenceHook", "OracleHook", "causal_block_mask", "diagonal_block_mask",
            "mean_artifact_density", "minference_mask", "oracle_mask", "streaming_artifact"]

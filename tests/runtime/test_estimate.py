@@ -175,3 +175,27 @@ def test_runtime_with_estimate_matches_reference_backend_and_metadata_default():
         art.metadata["runtime"] = {"last_query": "lots"}
         with pytest.raises(rt.ArtifactError if hasattr(rt, "ArtifactError") else Exception, match="last_query"):
             rt.apply(model, art, backend="reference", min_length=1)
+
+
+def test_element_baseline_reaches_the_density_and_keeps_its_base():
+    """ElementVSHook: diagonal + first key block + the estimator alone, at (just over) the asked density."""
+    from dam.kernels import BlockLayout
+    from dam.runtime.baselines import ElementVSHook, causal_block_mask, diagonal_block_mask
+
+    class _Handle:
+        _modules = {0: torch.nn.Module()}
+
+    torch.manual_seed(3)
+    B, n = 16, 256
+    q, k = torch.randn(1, 4, n, 8), torch.randn(1, 2, n, 8)
+    full = BlockLayout.from_block_mask(torch.ones(1, 4, n // B, n // B, dtype=torch.bool), B, B)
+    causal = causal_block_mask(n, n, B)
+    base = diagonal_block_mask(n, n, B) | (causal & (torch.arange(n // B) == 0))
+    for target in (0.3, 0.6):
+        m = ElementVSHook(_Handle(), target, 16)(0, q, k, full).block_mask(n // B)[0]
+        dens = float(m.sum()) / (4 * float(causal.sum()))
+        step = 2 * (n // B) / float(causal.sum())  # one element adds at most 2 blocks per query block
+        assert target <= dens <= target + step
+        assert (m >= base).all() and not (m & ~causal).any()
+    with pytest.raises(DamRuntimeError, match="density"):
+        ElementVSHook(_Handle(), 0.0)
