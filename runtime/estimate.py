@@ -81,6 +81,7 @@ def last_query_mask(
     last_q: int,
     block_size: int,
     scale: float | None = None,
+    share: str = "uniform",
 ) -> torch.Tensor:
     """The estimated blocks of ``heads``: bool ``[Bt, He, nQB, nKB]`` (see the module docstring).
 
@@ -94,7 +95,13 @@ def last_query_mask(
         last_q: how many last queries estimate (``>= 1``).
         block_size: ``B``.
         scale: softmax scale (default ``D ** -0.5``).
+        share: ``"uniform"``: every (row, head) gets ``floor(fraction * causal)`` new blocks;
+            ``"adaptive"``: the same total per row, shared among the heads in proportion to the
+            last queries' attention mass *outside* ``current`` (the last query block's row):
+            heads whose kept blocks already hold what the last queries read get little.
     """
+    if share not in ("uniform", "adaptive"):
+        raise DamRuntimeError(f"share must be 'uniform' or 'adaptive', got {share!r}")
     if not 0.0 <= fraction <= 1.0:
         raise DamRuntimeError(f"last-query fraction must lie in [0, 1], got {fraction}")
     if last_q < 1:
@@ -119,7 +126,13 @@ def last_query_mask(
     causal = (b0 <= i1).expand(nqb, nkb)
     cur = current.expand(Bt, He, nqb, nkb)
     free = causal & ~cur  # blocks that would cost budget
-    budget = math.floor(fraction * int(causal.sum()))
+    ncausal = int(causal.sum())
+    budget: int | torch.Tensor = math.floor(fraction * ncausal)
+    if share == "adaptive":
+        kept = cur[:, :, -1].repeat_interleave(B, -1)[..., :Nk]  # [Bt, He, Nk]: last row's kept keys
+        miss = (vert.sum(-1) - (vert * kept).sum(-1)).clamp(min=0)  # [Bt, He]
+        w = miss / miss.mean(-1, keepdim=True).clamp(min=1e-12)
+        budget = torch.floor(fraction * ncausal * w).clamp(max=ncausal).to(torch.int64)
     order = torch.cat([vert, slash], -1).argsort(-1, descending=True)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(2 * Nk, device=dev).expand_as(order))
 

@@ -65,6 +65,9 @@ class RuntimeConfig:
             head on prefill calls, as a fraction of its causal blocks; 0 turns it off. ``None``:
             the artifact's ``metadata["runtime"]["last_query"]`` (0 when absent).
         last_query_queries: how many last queries estimate (``None``: the artifact's, else 64).
+        last_query_share: how a layer's estimate budget is shared among its heads: ``"uniform"``
+            (each head the same fraction) or ``"adaptive"`` (in proportion to the last queries'
+            attention mass outside the head's kept blocks).
     """
 
     backend: str = "auto"
@@ -74,6 +77,7 @@ class RuntimeConfig:
     decode: str = "auto"
     last_query: float | None = None
     last_query_queries: int | None = None
+    last_query_share: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.backend not in _kernels.BACKENDS:
@@ -93,6 +97,8 @@ class RuntimeConfig:
         n = self.last_query_queries
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise DamRuntimeError(f"last_query_queries must be a positive int or None, got {n!r}")
+        if self.last_query_share not in ("uniform", "adaptive"):
+            raise DamRuntimeError(f"last_query_share must be 'uniform' or 'adaptive', got {self.last_query_share!r}")
 
     def resolve_last_query(self, artifact: Artifact) -> tuple[float, int]:
         """``(fraction, queries)``: this config's values, else the artifact's runtime defaults."""
@@ -278,7 +284,8 @@ class DamHandle:
         p = self._planners.get(key)
         if p is None:
             p = Planner(self.artifact.layer_programs(layer), self.block_size, dev, self.config.plan_cache_size,
-                        last_query=self.last_query, last_query_queries=self.last_query_queries)
+                        last_query=self.last_query, last_query_queries=self.last_query_queries,
+                        last_query_share=self.config.last_query_share)
             self._planners[key] = p
         return p
 
@@ -400,6 +407,7 @@ def apply(
     decode: str = "auto",
     last_query: float | None = None,
     last_query_queries: int | None = None,
+    last_query_share: str = "uniform",
 ) -> DamHandle:
     """Run ``model``'s attention through DAM with ``artifact`` (an :class:`Artifact` or a path).
 
@@ -412,7 +420,7 @@ def apply(
     """
     cfg = RuntimeConfig(backend=backend, min_length=min_length, block_size=block_size,
                         plan_cache_size=plan_cache_size, decode=decode, last_query=last_query,
-                        last_query_queries=last_query_queries)
+                        last_query_queries=last_query_queries, last_query_share=last_query_share)
     art = _resolve_artifact(artifact)
     if not hasattr(model, "config"):
         raise DamRuntimeError(f"expected a transformers model with a .config, got {type(model).__name__}")

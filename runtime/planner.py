@@ -357,6 +357,7 @@ class Planner:
             every non-dense head, as a fraction of its causal blocks (0: off). Applies to calls
             with at least ``block_size`` queries (prefill and chunks, not decode steps).
         last_query_queries: how many last queries estimate.
+        last_query_share: ``"uniform"`` or ``"adaptive"`` (see :func:`.estimate.last_query_mask`).
     """
 
     def __init__(
@@ -367,6 +368,7 @@ class Planner:
         cache_size: int = 16,
         last_query: float = 0.0,
         last_query_queries: int = 64,
+        last_query_share: str = "uniform",
     ) -> None:
         if not 0.0 <= float(last_query) <= 1.0:
             raise DamRuntimeError(f"last_query must lie in [0, 1], got {last_query!r}")
@@ -381,6 +383,9 @@ class Planner:
         self.cache_size = int(cache_size)
         self.last_query = float(last_query)
         self.last_query_queries = int(last_query_queries)
+        if last_query_share not in ("uniform", "adaptive"):
+            raise DamRuntimeError(f"last_query_share must be 'uniform' or 'adaptive', got {last_query_share!r}")
+        self.last_query_share = last_query_share
         self._estimate_heads = (~self.table.dense).nonzero().squeeze(1)
         # (q_len, kv_len) -> (static layout [1,H,nqb,ms], dynamic bias [1,Hd,nqb,nkb] | None,
         #                     dynamic budget [1,Hd,nqb] | None)
@@ -412,7 +417,7 @@ class Planner:
             sub = mask[rows, :, :nqb, :nkb]  # a view of mask
             cur = sub[:, eh]
             sub[:, eh] = cur | last_query_mask(q[rows, :, :nq], k[rows, :, :nk], cur, eh, self.last_query,
-                                               self.last_query_queries, B, scale)
+                                               self.last_query_queries, B, scale, self.last_query_share)
         return mask_to_layout(mask, B)
 
     def _static(self, q_len: int, kv_len: int):

@@ -199,3 +199,26 @@ def test_element_baseline_reaches_the_density_and_keeps_its_base():
         assert (m >= base).all() and not (m & ~causal).any()
     with pytest.raises(DamRuntimeError, match="density"):
         ElementVSHook(_Handle(), 0.0)
+
+
+def test_adaptive_share_gives_the_budget_to_heads_that_miss_mass():
+    """Head 0's kept blocks hold all the last queries read; head 1's hold nothing: adaptive gives
+    head 1 the layer's whole budget (twice the uniform one), head 0 none."""
+    B, D, n = 16, 8, 128
+    torch.manual_seed(5)
+    q = torch.randn(1, 2, n, D)
+    k = torch.randn(1, 1, n, D)
+    nb = n // B
+    causal = torch.ones(nb, nb).tril().bool()
+    cur = torch.zeros(1, 2, nb, nb, dtype=torch.bool)
+    cur[0, 0] = causal  # head 0 keeps everything already
+    uni = last_query_mask(q, k, cur, torch.tensor([0, 1]), 0.2, 32, B)
+    ada = last_query_mask(q, k, cur, torch.tensor([0, 1]), 0.2, 32, B, share="adaptive")
+    budget = math.floor(0.2 * int(causal.sum()))
+    assert int((uni[0, 1] & ~cur[0, 1]).sum()) <= budget < int((ada[0, 1] & ~cur[0, 1]).sum()) <= 2 * budget
+    with pytest.raises(DamRuntimeError, match="share"):
+        last_query_mask(q, k, cur, torch.tensor([0, 1]), 0.2, 32, B, share="nope")
+    with pytest.raises(DamRuntimeError, match="last_query_share"):
+        rt.RuntimeConfig(last_query_share="nope")
+    p = Planner([MaskProgram(window=16), MaskProgram(sink=16)], B, last_query=0.2, last_query_share="adaptive")
+    assert p.plan(n, n, q, k).block_mask(nb).shape == (1, 2, nb, nb)
