@@ -45,19 +45,25 @@ def last_query_scores(
     """
     Bt, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
     n = min(int(last_q), Nq)
-    qs = q.index_select(1, heads)[:, :, Nq - n:].float() * scale  # [Bt, He, n, D]
-    ks = k.index_select(1, heads // (Hq // Hkv)).float()  # [Bt, He, Nk, D]
-    s = torch.matmul(qs, ks.transpose(-1, -2))  # [Bt, He, n, Nk]
-    qpos = torch.arange(Nk - n, Nk, device=q.device)
-    j = torch.arange(Nk, device=q.device)
-    s.masked_fill_(j[None, :] > qpos[:, None], float("-inf"))
-    p = torch.softmax(s, -1)
+    # all query heads, grouped by KV head (no copy of k per query head), then the wanted heads
+    qs = (q[:, :, Nq - n:].float() * scale).reshape(Bt, Hkv, G * n, D)  # not in place: q is the caller's
+    s = torch.matmul(qs, k.float().transpose(-1, -2)).view(Bt, Hq, n, Nk)
+    if heads.numel() != Hq or not bool((heads == torch.arange(Hq, device=heads.device)).all()):
+        s = s.index_select(1, heads)
+    # causal: only the last n keys can lie after a last query (query t sits at Nk - n + t)
+    tri = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)
+    s[..., Nk - n:].masked_fill_(tri, float("-inf"))
+    p = torch.softmax(s, -1)  # [Bt, He, n, Nk]
     vert = p.sum(2)
-    src = qpos[:, None] - j[None, :]  # [n, Nk]: key index of offset d for query t
-    ok = src >= 0
-    g = torch.gather(p, -1, src.clamp(min=0).expand(Bt, p.shape[1], n, Nk))
-    slash = g.masked_fill_(~ok, 0.0).sum(2)
+    # slash[d] = sum_t p[t, i_t - d] with i_t = Nk - n + t: flip the keys and skew the rows, so
+    # that row t starts at column n - 1 - t (a strided view, no gather)
+    He, W = p.shape[1], Nk + n
+    pf = torch.zeros((Bt, He, n, W), dtype=p.dtype, device=p.device)
+    pf[..., :Nk] = p.flip(-1)
+    skew = pf.as_strided((Bt, He, n, Nk), (He * n * W, n * W, W - 1, 1), n - 1)
+    slash = skew.sum(2)
     return vert, slash
 
 

@@ -74,7 +74,9 @@ def test_equals_loop_reference(bt, hq, hkv, nq, nk, frac, last_q):
     q, k = torch.randn(bt, hq, nq, D), torch.randn(bt, hkv, nk, D)
     heads = torch.tensor([0, hq - 1])
     cur = torch.rand(1, 2, -(-nq // B), -(-nk // B)) < 0.3
+    q0, k0 = q.clone(), k.clone()
     got = last_query_mask(q, k, cur, heads, frac, last_q, B, 0.5)
+    assert torch.equal(q, q0) and torch.equal(k, k0)  # the caller's tensors are untouched
     want = _reference(q, k, cur, heads.tolist(), frac, last_q, B, 0.5)
     assert np.array_equal(got.numpy(), want)
     # the budget holds: new causal blocks <= floor(fraction * causal blocks)
