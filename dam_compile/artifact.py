@@ -79,6 +79,11 @@ class Artifact:
     def program_for(self, layer: int, head: int) -> MaskProgram:
         return self.programs[int(self.head_program[layer, head])]
 
+    def runtime_defaults(self) -> tuple[float, int]:
+        """``(last_query, last_query_queries)`` from ``metadata["runtime"]`` (``(0.0, 64)`` when
+        absent), validated: :func:`runtime_defaults`."""
+        return runtime_defaults(self.metadata)
+
     def layer_programs(self, layer: int) -> tuple[MaskProgram, ...]:
         """The H programs of one layer, in query-head order."""
         return tuple(self.programs[int(k)] for k in self.head_program[layer])
@@ -114,3 +119,17 @@ class Artifact:
                 f"artifact (compiled for {name}) does not match this model: " + "; ".join(bad)
                 + ". Compile an artifact from a profile of this model."
             )
+
+
+def runtime_defaults(metadata: Any) -> tuple[float, int]:
+    """The run-time defaults an artifact's metadata carries (``"runtime"``: ``last_query`` in
+    [0, 1], ``last_query_queries`` >= 1); ArtifactError when they are malformed."""
+    rt = metadata.get("runtime", {}) if isinstance(metadata, dict) else {}
+    if not isinstance(rt, dict):
+        raise ArtifactError("metadata 'runtime' must be an object")
+    lq, nq = rt.get("last_query", 0.0), rt.get("last_query_queries", 64)
+    if isinstance(lq, bool) or not isinstance(lq, (int, float)) or not 0.0 <= lq <= 1.0:
+        raise ArtifactError(f"metadata runtime.last_query must be a fraction in [0, 1], got {lq!r}")
+    if isinstance(nq, bool) or not isinstance(nq, int) or nq < 1:
+        raise ArtifactError(f"metadata runtime.last_query_queries must be a positive int, got {nq!r}")
+    return float(lq), int(nq)

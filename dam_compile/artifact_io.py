@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifact import SCHEMA, Artifact
+from .artifact import SCHEMA, Artifact, runtime_defaults
 from .ir import ArtifactError, MaskProgram
 
 _PROGRAM_FIELDS = {
@@ -307,12 +307,7 @@ def _check_metadata(meta: dict[str, Any], L: int, H: int) -> None:
     for key in ("compile", "calibration", "runtime"):
         if key in meta and not isinstance(meta[key], dict):
             raise ArtifactError(f"metadata '{key}' must be an object")
-    rt = meta.get("runtime", {})
-    lq, nq = rt.get("last_query", 0.0), rt.get("last_query_queries", 64)
-    if isinstance(lq, bool) or not isinstance(lq, (int, float)) or not 0.0 <= lq <= 1.0:
-        raise ArtifactError(f"metadata runtime.last_query must be a fraction in [0, 1], got {lq!r}")
-    if isinstance(nq, bool) or not isinstance(nq, int) or nq < 1:
-        raise ArtifactError(f"metadata runtime.last_query_queries must be a positive int, got {nq!r}")
+    runtime_defaults(meta)
 
 
 __all__ = ["artifact_bytes", "artifact_from_bytes", "artifact_tensors", "canonical_json",

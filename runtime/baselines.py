@@ -132,6 +132,12 @@ def oracle_mask(mass: torch.Tensor, nq: int, nk: int, B: int, target_recall: flo
     return flat.reshape(H, nqb, nkb) | diag[None]
 
 
+def _base_mask(nq: int, nk: int, B: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """bool ``[nQB, nKB]``: the blocks every vertical-slash baseline keeps (diagonal + first key block)."""
+    causal = causal_block_mask(nq, nk, B, device)
+    return diagonal_block_mask(nq, nk, B, device) | (causal & (torch.arange(causal.shape[1], device=device) == 0))
+
+
 class MInferenceHook:
     """``layout_hook``: MInference-style vertical + slash blocks estimated from the last queries.
 
@@ -180,10 +186,9 @@ def minference_mask(q: torch.Tensor, k: torch.Tensor, scale: float, B: int, dens
     boff = (off // B).expand(Hq, n, nk).reshape(Hq, -1)
     slash = torch.zeros(Hq, nkb, dtype=torch.float64).scatter_add_(1, boff, p.reshape(Hq, -1))
     causal = causal_block_mask(nq, nk, B)
-    diag = diagonal_block_mask(nq, nk, B)
     qb_first = (nk - nq) // B + torch.arange(nqb)  # key block of each query block's first query
     blk_off = (qb_first[:, None] - torch.arange(nkb)[None, :])  # [nqb, nkb] block offset a - b
-    base = diag | (causal & (torch.arange(nkb)[None, :] == 0))
+    base = _base_mask(nq, nk, B)
     total = int(causal.sum())
     # candidates: verticals c (column c of causal), slashes d (block offset d of causal)
     vcost = causal.sum(0).double()  # [nkb]
@@ -233,22 +238,20 @@ class ElementVSHook:
         self.last_q = int(last_q)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, layout: BlockLayout) -> BlockLayout:
-        from .estimate import last_query_mask
+        from .estimate import last_query_scores, select_blocks
 
         if q.shape[0] != 1:
             raise DamRuntimeError("the element vertical-slash baseline runs batch 1")
         B = layout.block_m
         nq, nk, H = q.shape[2], k.shape[2], q.shape[1]
         causal = causal_block_mask(nq, nk, B, q.device)
-        base = diagonal_block_mask(nq, nk, B, q.device) | (causal & (torch.arange(causal.shape[1],
-                                                                                  device=q.device) == 0))
-        cur = base[None, None].expand(1, H, -1, -1)
+        cur = _base_mask(nq, nk, B, q.device)[None, None].expand(1, H, -1, -1)
         heads = torch.arange(H, device=q.device)
-        scale = _scale(self.handle._modules[layer], q.shape[-1])
+        vert, slash = last_query_scores(q, k, heads, self.last_q, _scale(self.handle._modules[layer], q.shape[-1]))
         total = float(causal.sum()) * H
 
         def run(frac: float) -> torch.Tensor:
-            return cur | last_query_mask(q, k, cur, heads, frac, self.last_q, B, scale)
+            return cur | select_blocks(vert, slash, cur, frac, nq, B)
 
         # the budget is an upper bound (the ranked prefix stops at the first element that does not
         # fit): bisect the fraction to the smallest one whose mean density reaches the target

@@ -33,6 +33,9 @@ import torch
 
 from .errors import DamRuntimeError
 
+#: how a layer's estimate budget is shared among its heads (see :func:`last_query_mask`)
+SHARES = ("uniform", "adaptive")
+
 
 def last_query_scores(
     q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, last_q: int, scale: float
@@ -106,22 +109,40 @@ def last_query_mask(
             last queries' attention mass *outside* ``current`` (the last query block's row):
             heads whose kept blocks already hold what the last queries read get little.
     """
-    if share not in ("uniform", "adaptive"):
-        raise DamRuntimeError(f"share must be 'uniform' or 'adaptive', got {share!r}")
+    if share not in SHARES:
+        raise DamRuntimeError(f"share must be one of {SHARES}, got {share!r}")
     if not 0.0 <= fraction <= 1.0:
         raise DamRuntimeError(f"last-query fraction must lie in [0, 1], got {fraction}")
     if last_q < 1:
         raise DamRuntimeError(f"last-query count must be >= 1, got {last_q}")
-    B = int(block_size)
     Bt, _, Nq, D = q.shape
-    Nk = k.shape[2]
-    nqb, nkb = -(-Nq // B), -(-Nk // B)
     He = int(heads.shape[0])
-    dev = q.device
     if He == 0 or fraction == 0.0:
-        return torch.zeros((Bt, He, nqb, nkb), dtype=torch.bool, device=dev)
+        B = int(block_size)
+        return torch.zeros((Bt, He, -(-Nq // B), -(-k.shape[2] // B)), dtype=torch.bool, device=q.device)
     scale = D ** -0.5 if scale is None else float(scale)
     vert, slash = last_query_scores(q, k, heads, last_q, scale)
+    return select_blocks(vert, slash, current, fraction, Nq, block_size, share)
+
+
+def select_blocks(
+    vert: torch.Tensor,
+    slash: torch.Tensor,
+    current: torch.Tensor,
+    fraction: float,
+    q_len: int,
+    block_size: int,
+    share: str = "uniform",
+) -> torch.Tensor:
+    """The block choice of :func:`last_query_mask` from its element scores (``vert``/``slash``
+    ``[Bt, He, Nk]``, :func:`last_query_scores`): bool ``[Bt, He, nQB, nKB]`` for queries at the
+    last ``q_len`` of ``Nk`` positions. Separate so that callers trying several budgets on one
+    input score it once."""
+    B = int(block_size)
+    Bt, He, Nk = vert.shape
+    Nq = int(q_len)
+    nqb, nkb = -(-Nq // B), -(-Nk // B)
+    dev = vert.device
     # geometry of query block a (absolute positions [i0, i1]) against KV block b ([b0, b0 + B - 1])
     a = torch.arange(nqb, device=dev)
     i0 = (Nk - Nq + a * B)[:, None]
@@ -156,4 +177,4 @@ def last_query_mask(
     return build(lo) & causal
 
 
-__all__ = ["last_query_mask", "last_query_scores"]
+__all__ = ["SHARES", "last_query_mask", "last_query_scores", "select_blocks"]

@@ -38,6 +38,7 @@ from dam.kernels import BlockLayout
 
 from . import _kernels
 from .errors import DamRuntimeError
+from .estimate import SHARES
 from .planner import Planner
 
 log = logging.getLogger(__name__)
@@ -97,20 +98,17 @@ class RuntimeConfig:
         n = self.last_query_queries
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise DamRuntimeError(f"last_query_queries must be a positive int or None, got {n!r}")
-        if self.last_query_share not in ("uniform", "adaptive"):
-            raise DamRuntimeError(f"last_query_share must be 'uniform' or 'adaptive', got {self.last_query_share!r}")
+        if self.last_query_share not in SHARES:
+            raise DamRuntimeError(f"last_query_share must be one of {SHARES}, got {self.last_query_share!r}")
 
     def resolve_last_query(self, artifact: Artifact) -> tuple[float, int]:
         """``(fraction, queries)``: this config's values, else the artifact's runtime defaults."""
-        meta = artifact.metadata.get("runtime", {}) if isinstance(artifact.metadata, dict) else {}
-        meta = meta if isinstance(meta, dict) else {}
-        frac = self.last_query if self.last_query is not None else meta.get("last_query", 0.0)
-        n = self.last_query_queries if self.last_query_queries is not None else meta.get("last_query_queries", 64)
-        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac <= 1.0:
-            raise ArtifactError(f"artifact metadata runtime.last_query must be a fraction in [0, 1], got {frac!r}")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ArtifactError(f"artifact metadata runtime.last_query_queries must be a positive int, got {n!r}")
-        return float(frac), int(n)
+        frac, n = artifact.runtime_defaults()  # validated: ArtifactError when malformed
+        if self.last_query is not None:
+            frac = float(self.last_query)
+        if self.last_query_queries is not None:
+            n = self.last_query_queries
+        return frac, n
 
 
 # --------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from dam.compiler import MaskProgram
 from dam.kernels import BlockLayout
 
 from .errors import DamRuntimeError
-from .estimate import last_query_mask
+from .estimate import SHARES, last_query_mask
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -279,9 +279,13 @@ def dynamic_block_mask(
         static: bool ``[Bt or 1, H, nqb, nkb]``; q, k, q_lens, kv_lens: see :func:`dynamic_indices`.
     """
     bias, budget = dynamic_candidates(table, static, q_lens, kv_lens, block_size)
-    idx = dynamic_indices(table, bias, budget, q, k, q_lens, kv_lens, block_size, scale)
-    nkb = static.shape[-1]
-    out = torch.zeros((*idx.shape[:3], nkb + 1), dtype=torch.bool, device=idx.device)
+    return _indices_mask(dynamic_indices(table, bias, budget, q, k, q_lens, kv_lens, block_size, scale),
+                         static.shape[-1])
+
+
+def _indices_mask(idx: torch.Tensor, nkb: int) -> torch.Tensor:
+    """Block indices ``[..., kmax]`` (``-1`` = none) -> bool ``[..., nkb]``."""
+    out = torch.zeros((*idx.shape[:-1], nkb + 1), dtype=torch.bool, device=idx.device)
     out.scatter_(-1, torch.where(idx < 0, nkb, idx), True)
     return out[..., :nkb]
 
@@ -383,8 +387,8 @@ class Planner:
         self.cache_size = int(cache_size)
         self.last_query = float(last_query)
         self.last_query_queries = int(last_query_queries)
-        if last_query_share not in ("uniform", "adaptive"):
-            raise DamRuntimeError(f"last_query_share must be 'uniform' or 'adaptive', got {last_query_share!r}")
+        if last_query_share not in SHARES:
+            raise DamRuntimeError(f"last_query_share must be one of {SHARES}, got {last_query_share!r}")
         self.last_query_share = last_query_share
         self._estimate_heads = (~self.table.dense).nonzero().squeeze(1)
         # (q_len, kv_len) -> (static layout [1,H,nqb,ms], dynamic bias [1,Hd,nqb,nkb] | None,
@@ -400,21 +404,15 @@ class Planner:
         """Whether a call with ``q_len`` queries adds the last-query estimate."""
         return self.last_query > 0 and q_len >= self.block_size and self._estimate_heads.numel() > 0
 
-    def _with_estimate(self, mask, q, k, q_lens, kv_lens, scale) -> BlockLayout:
-        """Static ``mask [1 or Bt, H, nqb, nkb]`` + dynamic + last-query blocks -> layout (one sync)."""
-        B, Bt = self.block_size, q.shape[0]
-        mask = mask.expand(Bt, -1, -1, -1).clone()
-        if self.has_dynamic:
-            dh = self.table.dynamic_heads
-            mask[:, dh] |= dynamic_block_mask(self.table, mask, q, k, q_lens, kv_lens, B, scale)
-        eh = self._estimate_heads
-        lq, lk = q_lens.tolist(), kv_lens.tolist()
-        uniform = len(set(lq)) == 1 and len(set(lk)) == 1 and lq[0] == q.shape[2] and lk[0] == k.shape[2]
-        for b in [slice(None)] if uniform else range(Bt):
-            rows = b if uniform else slice(b, b + 1)
-            nq, nk = (lq[0], lk[0]) if uniform else (lq[b], lk[b])
-            nqb, nkb = _cdiv(nq, B), _cdiv(nk, B)
-            sub = mask[rows, :, :nqb, :nkb]  # a view of mask
+    def _with_estimate(self, mask, q, k, lens, scale) -> BlockLayout:
+        """Kept blocks ``mask [Bt, H, nqb, nkb]`` (static and dynamic) + the last-query blocks ->
+        layout (one host sync). ``lens``: host ``(q_len, kv_len)`` per row, or None when every
+        row holds all of ``q``/``k`` (then one batched estimate)."""
+        B, eh = self.block_size, self._estimate_heads
+        for b in range(q.shape[0]) if lens is not None else [None]:
+            rows = slice(None) if b is None else slice(b, b + 1)
+            nq, nk = (q.shape[2], k.shape[2]) if b is None else lens[b]
+            sub = mask[rows, :, :_cdiv(nq, B), :_cdiv(nk, B)]  # a view of mask
             cur = sub[:, eh]
             sub[:, eh] = cur | last_query_mask(q[rows, :, :nq], k[rows, :, :nk], cur, eh, self.last_query,
                                                self.last_query_queries, B, scale, self.last_query_share)
@@ -469,14 +467,15 @@ class Planner:
             raise DamRuntimeError(
                 f"q/k hold {q.shape[2]}/{k.shape[2]} positions but q_len/kv_len are {q_len}/{kv_len}"
             )
-        if estimate:
-            B, Bt = self.block_size, q.shape[0]
-            ql = torch.full((Bt,), q_len, device=self.device)
-            kl = torch.full((Bt,), kv_len, device=self.device)
-            mask = static_block_mask(self.table, ql[:1], kl[:1], _cdiv(q_len, B), _cdiv(kv_len, B), B)
-            return self._with_estimate(mask, q, k, ql, kl, scale)
-        dyn = dynamic_indices(self.table, bias, budget, q, k, None, None, self.block_size, scale)
-        return merge_layouts(layout, dyn, self.table.dynamic_heads)
+        dyn = None if bias is None else dynamic_indices(self.table, bias, budget, q, k, None, None,
+                                                        self.block_size, scale)
+        if not estimate:
+            return merge_layouts(layout, dyn, self.table.dynamic_heads)
+        # the cached static layout and dynamic candidates, as one mask, plus the estimate
+        mask = layout.block_mask(_cdiv(kv_len, self.block_size)).expand(q.shape[0], -1, -1, -1).clone()
+        if dyn is not None:
+            mask[:, self.table.dynamic_heads] |= _indices_mask(dyn, mask.shape[-1])
+        return self._with_estimate(mask, q, k, None, scale)
 
     def plan_ragged(
         self,
@@ -501,7 +500,10 @@ class Planner:
         kl = kv_lens.to(self.device, torch.int64)
         mask = static_block_mask(self.table, ql, kl, nqb, nkb, B)
         if self.estimates(q.shape[2]):
-            return self._with_estimate(mask, q, k, ql, kl, scale)
+            mask = mask.clone()
+            if self.has_dynamic:
+                mask[:, self.table.dynamic_heads] |= dynamic_block_mask(self.table, mask, q, k, ql, kl, B, scale)
+            return self._with_estimate(mask, q, k, list(zip(ql.tolist(), kl.tolist(), strict=True)), scale)
         layout = mask_to_layout(mask, B)
         if not self.has_dynamic:
             return layout
