@@ -26,7 +26,12 @@ the whole cache per step).
 GQA: when every query head of a group has the same layout rows as the group's first head (the
 usual case when the planner works per KV head), the ``g`` query heads are stacked into one
 ``[g * block_m, D]`` query tile per row, so each gathered K/V tile serves the whole group.
-Query head ``h`` reads KV head ``h // g`` otherwise. K/V are never repeated.
+Otherwise the blocks the group's heads keep in common run stacked that way, the blocks they
+keep apart run per head (query head ``h`` reads KV head ``h // g``), and the two results are
+merged by LSE (when a cost model says the stacking pays). K/V are never repeated.
+
+Dtypes: everything runs in the inputs' dtype (bf16/fp16 are never up-cast; the fused kernel
+accumulates in fp32 and keeps fp32 softmax statistics); LSE comes back in float32.
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ def _flash():
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """The dtype the fused kernel runs in: the input's own (bf16/fp16 are never up-cast)."""
+    return dtype
 
 
 def _pad_rows(x: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -92,28 +98,112 @@ def attention_cpu(
 ) -> None:
     """Block-sparse prefill on CPU tensors, written into ``out`` and ``lse`` (None: not needed).
 
+    Runs in the inputs' own dtype (bf16/fp16/fp32/fp64: the fused kernel accumulates and keeps its
+    softmax statistics in fp32 inside). With GQA, the query heads of a KV head that keep the same
+    blocks run stacked (one ``[g * T * block_m, D]`` query tile per KV block set, see
+    :func:`_gqa_split`); what the heads keep apart runs per head; both are merged by LSE.
+
     Args:
         q: ``[B, Hq, Nq, D]``; k, v: ``[B, Hkv, Nk, D]`` (checked by the launcher).
         out: ``[B, Hq, Nq, D]`` in q's dtype; lse: float32 ``[B, Hq, Nq]`` (fully overwritten).
     """
+    hq, nq = q.shape[1], q.shape[2]
+    hkv, nk = k.shape[1], k.shape[2]
+    layout.validate(nk)
+    g = hq // hkv
+    kw = dict(causal=causal, scale=scale)
+    if _gqa_shared(layout, hq, hkv):
+        _attend(q, k, v, _kv_head_rows(layout, g), True, out=out, lse=lse, **kw)
+        return
+    split = _gqa_split(layout, g, nq, nk, causal) if g > 1 else None
+    if split is None:
+        _attend(q, k, v, layout, False, out=out, lse=lse, **kw)
+        return
+    common, resid = split
+    sdt = _stat_dtype(q.dtype)
+    if resid is None:
+        _attend(q, k, v, common, True, out=out, lse=lse, **kw)
+        return
+    lse_c = torch.empty(q.shape[:3], dtype=sdt)
+    out_c = torch.empty_like(out)
+    _attend(q, k, v, common, True, out=out_c, lse=lse_c, **kw)
+    lse_r = torch.empty(q.shape[:3], dtype=sdt)
+    _attend(q, k, v, resid, False, out=out, lse=lse_r, **kw)
+    _merge_into(out, lse_r, out_c, lse_c, lse)
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of softmax statistics (LSE): float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _kv_head_rows(layout: BlockLayout, g: int) -> BlockLayout:
+    """A GQA-shared layout (heads 1 or Hq) as one row set per KV head (heads 1 or Hkv)."""
+    if layout.heads == 1:
+        return layout
+    return BlockLayout(layout.kv_indices[:, ::g].contiguous(), layout.kv_counts[:, ::g].contiguous(),
+                       layout.block_m, layout.block_n)
+
+
+#: relative throughput model of the fused CPU kernel for M query rows per problem: M / (M + _M_HALF)
+_M_HALF = 230
+
+
+def _gqa_split(layout: BlockLayout, g: int, nq: int, nk: int, causal: bool):
+    """Split a GQA layout into what the ``g`` query heads of each KV head keep in common and the
+    rest. The common part runs as a layout shared by the group (``g * block_m`` query rows per
+    problem, each gathered K/V tile read once for the group: the fused kernel's throughput grows
+    with the rows), the rest per head; the caller merges the two by LSE. Chosen by a cost model
+    (blocks x (rows + _M_HALF), i.e. work / throughput(rows)) against running every head alone.
+
+    Returns:
+        ``None`` when it would not pay, else ``(common layout [Bl, Hkv, nQB, .], residual layout
+        [Bl, Hq, nQB, .] or None when the heads keep nothing apart)``.
+    """
+    bm, bn = layout.block_m, layout.block_n
+    nqb, nkb = layout.num_q_blocks, -(-nk // bn)
+    m = layout.block_mask(nkb)  # [Bl, H, nqb, nkb]
+    Bl, H = m.shape[0], m.shape[1]
+    if causal:  # blocks no query of the block can see are not kept by anyone
+        a = torch.arange(nqb)
+        qe = nk - nq + torch.clamp((a + 1) * bm, max=nq) - 1  # last query of each block
+        m = m & ((torch.arange(nkb) * bn).view(1, -1) <= qe.view(-1, 1))
+    common = m.view(Bl, H // g, g, nqb, nkb).all(2)  # [Bl, Hkv, nqb, nkb]
+    resid = m & ~common.repeat_interleave(g, 1)
+    total, nc, nr = int(m.sum()), int(common.sum()), int(resid.sum())
+    if nc == 0 or nc * (g * bm + _M_HALF) + nr * (bm + _M_HALF) >= total * (bm + _M_HALF):
+        return None
+    lay_c = BlockLayout.from_block_mask(common, bm, bn)
+    lay_r = BlockLayout.from_block_mask(resid, bm, bn) if nr else None
+    return lay_c, lay_r
+
+
+def _merge_into(out: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor,
+                lse: torch.Tensor | None) -> None:
+    """``out`` (holding part a) := the merge of parts a and b by their LSEs, in place: part b's
+    share is ``sigmoid(lse_b - lse_a)`` (0 when b is empty, 1 when a is), one ``lerp`` pass in
+    out's dtype (the weight rounded to it: an error of the order of out's own rounding)."""
+    wb = torch.sigmoid(lse_b - lse_a).nan_to_num_(0.0)  # both empty: nan -> 0 (both outputs 0)
+    out.lerp_(out_b, wb.unsqueeze(-1).to(out.dtype))
+    if lse is not None:
+        torch.logaddexp(lse_a, lse_b, out=lse)
+
+
+def _attend(q, k, v, layout: BlockLayout, shared: bool, *, causal: bool, scale: float,
+            out: torch.Tensor, lse: torch.Tensor | None) -> None:
+    """The row-grouped prefill of one layout. ``shared``: the layout has one row set per KV head
+    (heads 1 or Hkv) and its query tiles stack the KV head's ``g`` query heads."""
     bsz, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     bm, bn = layout.block_m, layout.block_n
     nqb, nkb = -(-nq // bm), -(-nk // bn)
-    cdt = _compute_dtype(q.dtype)
-    layout.validate(nk)
-
-    shared = _gqa_shared(layout, hq, hkv)
+    cdt = q.dtype
+    sdt = _stat_dtype(cdt)
     g = hq // hkv
     # "virtual heads": with a shared GQA layout, a row is (b, kv head, query block) and its
     # query tile stacks the g heads' query blocks ([g * bm, D]); otherwise a row is (b, h, a).
     vh = hkv if shared else hq
     gq = g if shared else 1
-    lay_heads = layout.heads
-    if shared and lay_heads != 1:
-        layout = BlockLayout(
-            layout.kv_indices[:, ::g].contiguous(), layout.kv_counts[:, ::g].contiguous(), bm, bn
-        )
     idx, cnt = _expand_layout(layout, bsz, vh)  # [B, vh, nqb, mb], [B, vh, nqb]
     mb = idx.shape[-1]
 
@@ -157,14 +247,14 @@ def attention_cpu(
     # write straight into out/lse when their memory is the row layout we compute in
     direct = (
         gq == 1 and nq == nqb * bm and out.dtype == cdt and out.is_contiguous()
-        and (lse is None or (lse.dtype == cdt and lse.is_contiguous()))
+        and (lse is None or (lse.dtype == sdt and lse.is_contiguous()))
     )
     if direct:
         out_rows = out.view(rows_total, rows_q * d)
         lse_rows = None if lse is None else lse.view(rows_total, rows_q)
     else:
         res = torch.empty((bsz, vh, nqb, gq, bm, d), dtype=cdt)
-        res_lse = torch.empty((bsz, vh, nqb, gq, bm), dtype=cdt)
+        res_lse = torch.empty((bsz, vh, nqb, gq, bm), dtype=sdt)
         out_rows, lse_rows = res.view(rows_total, rows_q * d), res_lse.view(rows_total, rows_q)
     # dense prefixes: the leading query blocks of a head that keep every visible block (a whole
     # dense head, or the first rows of a wide window) run as one fused flash call per head, no
@@ -422,7 +512,7 @@ def decode_cpu(
     rows_total = bsz * vh
     n_keep = keep.sum(-1).reshape(rows_total)  # kept blocks are a prefix of the sorted slots
     res = torch.zeros((rows_total, gq, d), dtype=cdt)
-    res_lse = torch.full((rows_total, gq), float("-inf"), dtype=cdt)
+    res_lse = torch.full((rows_total, gq), float("-inf"), dtype=_stat_dtype(cdt))
     rows = (n_keep > 0).nonzero().squeeze(1)
     if rows.numel():
         qr = q.to(cdt).reshape(rows_total, gq, d)

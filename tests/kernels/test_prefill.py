@@ -253,3 +253,35 @@ def test_cpu_dense_heads_mixed_with_sparse(causal, shared_gqa, nq):
     block_sparse_attention(q, k, v, lay, causal=causal, backend="cpu", out=out, lse_out=lse)
     ref_out, ref_lse = reference.attention_reference(q, k, v, lay, causal=causal)
     assert_close_to_reference(out, lse, ref_out, ref_lse, torch.float32, float(v.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [
+    (2, 6, 2, 1000, 1000, 64, 64, 64, True),  # GQA 3, ragged tail
+    (1, 8, 2, 300, 1025, 32, 64, 64, True),  # GQA 4, queries offset, block_m < block_n
+    (1, 6, 2, 200, 333, 32, 32, 64, False),  # non-causal
+], ids=lambda c: "x".join(map(str, c)))
+def test_cpu_gqa_common_and_residual_split(case, dtype, monkeypatch):
+    """Heads of a KV group that keep mostly the same blocks: the common blocks run stacked, the
+    per-head rest alone, merged by LSE; the result is the layout's attention all the same."""
+    from dam.kernels import cpu
+
+    b, hq, hkv, nq, nk, bm, bn, d, causal = case
+    g = hq // hkv
+    gen = torch.Generator().manual_seed(7)
+    shared = causal_local_mask(b, hkv, nq, nk, bm, bn, 0.3, gen=gen).repeat_interleave(g, 1)
+    extra = torch.rand(shared.shape, generator=gen) < 0.08  # per-head blocks
+    mask = shared | extra
+    mask[0, 1, 2] = False  # a head dropping a block its group keeps
+    lay = layout_from(mask, bm, bn, torch.device("cpu"))
+    taken = []
+    split = cpu._gqa_split
+    monkeypatch.setattr(cpu, "_gqa_split", lambda *a: taken.append(split(*a)) or taken[-1])
+    q = torch.randn(b, hq, nq, d, generator=gen).to(dtype)
+    k = torch.randn(b, hkv, nk, d, generator=gen).to(dtype)
+    v = torch.randn(b, hkv, nk, d, generator=gen).to(dtype)
+    out, lse = poisoned(q.shape, dtype, q.device), poisoned((b, hq, nq), torch.float32, q.device)
+    block_sparse_attention(q, k, v, lay, causal=causal, backend="cpu", out=out, lse_out=lse)
+    assert taken and taken[0] is not None and taken[0][1] is not None, "the split path did not run"
+    ref_out, ref_lse = reference.attention_reference(q, k, v, lay, causal=causal)
+    assert_close_to_reference(out, lse, ref_out, ref_lse, dtype, float(v.abs().max()))
