@@ -45,6 +45,13 @@ log = logging.getLogger(__name__)
 
 IMPL = "dam"
 DECODE_MODES = ("auto", "sparse", "dense")
+#: (device type, dtype or None for any) -> block density above which sparse prefill loses to dense
+#: SDPA (measured break-even of the attention op, planning included; docs/architecture.md)
+DENSE_ABOVE: dict[tuple[str, torch.dtype | None], float] = {
+    ("cpu", torch.bfloat16): 0.5,
+    ("cpu", torch.float16): 0.5,
+    ("cpu", None): 0.7,
+}
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,10 @@ class RuntimeConfig:
         last_query_share: how a layer's estimate budget is shared among its heads: ``"uniform"``
             (each head the same fraction) or ``"adaptive"`` (in proportion to the last queries'
             attention mass outside the head's kept blocks).
+        dense_above: a prefill call whose planned block density can exceed this (the planner's
+            bound, :meth:`Planner.density_bound`, known before any tensor is read) runs dense SDPA
+            instead, unplanned: sparse would be slower there. ``None``: the measured break-even
+            of the device and dtype (:data:`DENSE_ABOVE`); 1.0: never.
     """
 
     backend: str = "auto"
@@ -79,6 +90,7 @@ class RuntimeConfig:
     last_query: float | None = None
     last_query_queries: int | None = None
     last_query_share: str = "uniform"
+    dense_above: float | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in _kernels.BACKENDS:
@@ -100,6 +112,15 @@ class RuntimeConfig:
             raise DamRuntimeError(f"last_query_queries must be a positive int or None, got {n!r}")
         if self.last_query_share not in SHARES:
             raise DamRuntimeError(f"last_query_share must be one of {SHARES}, got {self.last_query_share!r}")
+        da = self.dense_above
+        if da is not None and (isinstance(da, bool) or not isinstance(da, (int, float)) or not 0.0 < da <= 1.0):
+            raise DamRuntimeError(f"dense_above must be a density in (0, 1] or None, got {da!r}")
+
+    def dense_threshold(self, device: torch.device, dtype: torch.dtype) -> float:
+        """The block density above which a prefill call runs dense (see ``dense_above``)."""
+        if self.dense_above is not None:
+            return float(self.dense_above)
+        return DENSE_ABOVE.get((device.type, dtype), DENSE_ABOVE.get((device.type, None), 1.0))
 
     def resolve_last_query(self, artifact: Artifact) -> tuple[float, int]:
         """``(fraction, queries)``: this config's values, else the artifact's runtime defaults."""
@@ -315,6 +336,9 @@ class DamHandle:
         if self._all_dense[layer] and self.layout_hook is None:
             return _kernels.dense_attention(q, k, v, scale=scale)
         planner = self.planner(layer, q.device)
+        if self.layout_hook is None and N > 1 and \
+                planner.density_bound(N, Nk) > self.config.dense_threshold(q.device, q.dtype):
+            return _kernels.dense_attention(q, k, v, scale=scale)
         layout = planner.plan(N, Nk, q, k, scale=scale)
         if self.layout_hook is not None:
             layout = self.layout_hook(layer, q, k, layout)
@@ -406,6 +430,7 @@ def apply(
     last_query: float | None = None,
     last_query_queries: int | None = None,
     last_query_share: str = "uniform",
+    dense_above: float | None = None,
 ) -> DamHandle:
     """Run ``model``'s attention through DAM with ``artifact`` (an :class:`Artifact` or a path).
 
@@ -418,7 +443,8 @@ def apply(
     """
     cfg = RuntimeConfig(backend=backend, min_length=min_length, block_size=block_size,
                         plan_cache_size=plan_cache_size, decode=decode, last_query=last_query,
-                        last_query_queries=last_query_queries, last_query_share=last_query_share)
+                        last_query_queries=last_query_queries, last_query_share=last_query_share,
+                        dense_above=dense_above)
     art = _resolve_artifact(artifact)
     if not hasattr(model, "config"):
         raise DamRuntimeError(f"expected a transformers model with a .config, got {type(model).__name__}")
@@ -454,5 +480,5 @@ def load(model_id_or_path: str | os.PathLike, artifact: Artifact | str | os.Path
     return model
 
 
-__all__ = ["IMPL", "ArtifactError", "DamHandle", "RuntimeConfig", "apply", "dam_attention_forward",
+__all__ = ["DENSE_ABOVE", "IMPL", "ArtifactError", "DamHandle", "RuntimeConfig", "apply", "dam_attention_forward",
            "dam_mask", "load"]

@@ -392,9 +392,9 @@ class Planner:
         self.last_query_share = last_query_share
         self._estimate_heads = (~self.table.dense).nonzero().squeeze(1)
         # (q_len, kv_len) -> (static layout [1,H,nqb,ms], dynamic bias [1,Hd,nqb,nkb] | None,
-        #                     dynamic budget [1,Hd,nqb] | None)
+        #                     dynamic budget [1,Hd,nqb] | None, density bound)
         self._cache: OrderedDict[tuple[int, int], tuple[BlockLayout, torch.Tensor | None,
-                                                        torch.Tensor | None]] = OrderedDict()
+                                                        torch.Tensor | None, float]] = OrderedDict()
 
     @property
     def has_dynamic(self) -> bool:
@@ -432,11 +432,33 @@ class Planner:
         bias = budget = None
         if self.has_dynamic:
             bias, budget = dynamic_candidates(self.table, mask, ql, kl, B)
-        entry = (layout, bias, budget)
+        entry = (layout, bias, budget, self._bound(mask, budget, q_len, kv_len))
         self._cache[key] = entry
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return entry
+
+    def _bound(self, static: torch.Tensor, budget: torch.Tensor | None, q_len: int, kv_len: int) -> float:
+        """Upper bound of the planned block density for ``(q_len, kv_len)`` (host float, computed
+        once per length): static blocks + every dynamic budget + every estimate budget, over the
+        causal blocks of all heads."""
+        B, H = self.block_size, self.table.num_heads
+        a = torch.arange(_cdiv(q_len, B), device=static.device)
+        ncausal = (kv_len - q_len + torch.clamp((a + 1) * B, max=q_len) - 1) // B + 1  # per query block
+        kept = float(static.sum())
+        if budget is not None:
+            kept += float(budget.sum())
+        if self.estimates(q_len):
+            n_est = int(self._estimate_heads.numel())
+            kept += n_est * math.floor(self.last_query * float(ncausal.sum()))  # per head (select_blocks)
+        return min(1.0, kept / (H * float(ncausal.sum())))
+
+    def density_bound(self, q_len: int, kv_len: int) -> float:
+        """An upper bound of the block density (kept / causal blocks, all heads) that :meth:`plan`
+        gives for ``(q_len, kv_len)``, known before any tensor of the call is read (cached with the
+        static layout). The runtime runs a layer dense when it is above the break-even."""
+        _check_lengths(q_len, kv_len)
+        return self._static(q_len, kv_len)[3]
 
     def plan(
         self,
@@ -454,7 +476,7 @@ class Planner:
             scale: the attention's softmax scale, used by the dynamic score (default ``D ** -0.5``).
         """
         _check_lengths(q_len, kv_len)
-        layout, bias, budget = self._static(q_len, kv_len)
+        layout, bias, budget, _ = self._static(q_len, kv_len)
         estimate = self.estimates(q_len)
         if bias is None and not estimate:
             return layout

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dam.compiler import Artifact
+from dam.compiler import Artifact, MaskProgram
 from dam.runtime import DamHandle, RuntimeConfig
 
 from ._helpers import FP32_TOL, MIXED_PROGRAMS, STATIC_PROGRAMS, reference_attention
@@ -135,3 +135,56 @@ def test_runtime_config_checks():
         RuntimeConfig(block_size=48)
     with pytest.raises(DamRuntimeError, match="decode"):
         RuntimeConfig(decode="fast")
+
+
+def test_dense_rule_bound_covers_the_plan():
+    """The planner's density bound, known before any tensor is read, is >= the density it plans
+    (static + dynamic + last-query blocks), per length."""
+    from dam.runtime import Planner
+
+    progs = MIXED_PROGRAMS
+    p = Planner(progs, 16, last_query=0.2, last_query_queries=8)
+    for n in (97, 160, 301):
+        q, k = torch.randn(1, len(progs), n, 16) * 3, torch.randn(1, 1, n, 16) * 3
+        lay = p.plan(n, n, q, k, scale=0.3)
+        nqb = -(-n // 16)
+        causal = torch.arange(nqb) + 1  # Nq == Nk: query block a sees a + 1 KV blocks
+        planned = float(lay.kv_counts.sum()) / (len(progs) * float(causal.sum()))
+        bound = p.density_bound(n, n)
+        assert planned <= bound + 1e-12 and bound <= 1.0
+    assert Planner((MaskProgram(dense=True),), 16).density_bound(100, 100) == 1.0
+
+
+def test_dense_rule_runs_dense_above_the_threshold_unplanned(monkeypatch):
+    """Above ``dense_above`` a prefill call is dense SDPA and never plans; below it, sparse."""
+    import torch.nn.functional as F
+
+    from dam.runtime import Planner
+
+    H, D, N = 4, 16, 200
+    q, k, v = torch.randn(1, H, N, D) * 3, torch.randn(1, 2, N, D) * 3, torch.randn(1, 2, N, D)
+    bound = Planner(STATIC_PROGRAMS, 16).density_bound(N, N)
+    dense = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                           is_causal=True, scale=0.3)
+    art = Artifact(programs=STATIC_PROGRAMS, head_program=np.arange(H, dtype=np.int32)[None], block_size=16)
+    above = DamHandle(None, art, RuntimeConfig(backend="cpu", min_length=1, dense_above=bound * 0.99))
+    monkeypatch.setattr(Planner, "plan", lambda *a, **kw: pytest.fail("planned a dense call"))
+    torch.testing.assert_close(above._attend(0, q, k, v, None, 0.3, None), dense, **FP32_TOL)
+    monkeypatch.undo()
+    below = DamHandle(None, art, RuntimeConfig(backend="cpu", min_length=1, dense_above=min(1.0, bound * 1.01)))
+    ref = reference_attention(q, k, v, STATIC_PROGRAMS, 16, scale=0.3)
+    torch.testing.assert_close(below._attend(0, q, k, v, None, 0.3, None).double(), ref, **FP32_TOL)
+    assert not torch.allclose(ref.float(), dense, **FP32_TOL)  # the two paths differ here
+
+
+def test_dense_rule_default_threshold_by_device_and_dtype():
+    from dam.runtime.integration import DENSE_ABOVE
+
+    cfg = RuntimeConfig()
+    cpu = torch.device("cpu")
+    assert cfg.dense_threshold(cpu, torch.bfloat16) == DENSE_ABOVE[("cpu", torch.bfloat16)]
+    assert cfg.dense_threshold(cpu, torch.float32) == DENSE_ABOVE[("cpu", None)]
+    assert RuntimeConfig(dense_above=0.25).dense_threshold(cpu, torch.bfloat16) == 0.25
+    for bad in (0.0, 1.5, True, "0.5"):
+        with pytest.raises(Exception, match="dense_above"):
+            RuntimeConfig(dense_above=bad)
