@@ -20,9 +20,12 @@ Per (row, head), with ``n = min(last_q, Nq)`` last queries at positions ``i_t``:
   the KV blocks overlapping ``[i0 - d, i1 - d]`` (one or two). Both are interval tests done with a
   prefix count over the selected elements (no loop over blocks);
 * ``m`` is the largest count whose *new* blocks (not in the given mask) stay within
-  ``floor(fraction · causal blocks)``; found by bisection, vectorised over rows and heads.
+  ``floor(fraction · causal blocks)``. Each block is covered from the best rank among its
+  elements on (a range minimum), so that ``m`` is one order statistic of those ranks over the
+  free blocks: one sort, vectorised over rows and heads, no search loop.
 
-Cost: ``n · Nk · D`` multiply-adds per head plus ``O(log Nk)`` mask passes of ``nQB · nKB``.
+Cost: ``n · Nk · D`` multiply-adds per head (in the inputs' dtype) plus a few passes of
+``nQB · nKB`` and a sort of ``2 · Nk`` elements per head.
 """
 
 from __future__ import annotations
@@ -51,8 +54,9 @@ def last_query_scores(
     G = Hq // Hkv
     n = min(int(last_q), Nq)
     # all query heads, grouped by KV head (no copy of k per query head), then the wanted heads
-    qs = (q[:, :, Nq - n:].float() * scale).reshape(Bt, Hkv, G * n, D)  # not in place: q is the caller's
-    s = torch.matmul(qs, k.float().transpose(-1, -2)).view(Bt, Hq, n, Nk)
+    # in the inputs' dtype (bf16 stays bf16: no up-cast copy of k), scores scaled in fp32
+    qs = q[:, :, Nq - n:].reshape(Bt, Hkv, G * n, D)
+    s = torch.matmul(qs, k.transpose(-1, -2)).view(Bt, Hq, n, Nk).float().mul_(scale)
     if heads.numel() != Hq or not bool((heads == torch.arange(Hq, device=heads.device)).all()):
         s = s.index_select(1, heads)
     # causal: only the last n keys can lie after a last query (query t sits at Nk - n + t)
@@ -68,17 +72,6 @@ def last_query_scores(
     skew = pf.as_strided((Bt, He, n, Nk), (He * n * W, n * W, W - 1, 1), n - 1)
     slash = skew.sum(2)
     return vert, slash
-
-
-def _covered(sel: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Any selected element in ``[lo, hi]``: ``sel`` bool ``[..., N]``, ``lo``/``hi`` int64
-    ``[nqb, nkb]`` (empty where ``lo > hi``) -> bool ``[..., nqb, nkb]``."""
-    N = sel.shape[-1]
-    cs = torch.nn.functional.pad(sel.to(torch.int32).cumsum(-1), (1, 0))  # cs[x] = #selected < x
-    lo_c, hi_c = lo.clamp(0, N), (hi + 1).clamp(0, N)
-    flat = (*sel.shape[:-1], lo.numel())
-    cnt = torch.gather(cs, -1, hi_c.reshape(-1).expand(flat)) - torch.gather(cs, -1, lo_c.reshape(-1).expand(flat))
-    return (cnt > 0).view(*sel.shape[:-1], *lo.shape) & (lo <= hi)
 
 
 def last_query_mask(
@@ -162,19 +155,51 @@ def select_blocks(
         budget = torch.floor(fraction * ncausal * w).clamp(max=ncausal).to(torch.int64)
     order = torch.cat([vert, slash], -1).argsort(-1, descending=True)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(2 * Nk, device=dev).expand_as(order))
+    # block (a, b) is covered by the top m elements iff the best rank among its verticals
+    # [v_lo, v_hi] or its slashes [s_lo, s_hi] is < m: tau[a, b] = that best rank (range minima
+    # from sparse tables). Then the blocks new for m are the free blocks with tau < m, and the
+    # largest m within budget is the (budget+1)-th smallest tau of the free blocks: one sort, no
+    # search loop.
+    big = 2 * Nk
+    span = min(Nk, 2 * B - 1)  # the longest range (a slash range spans a query block + B - 1)
+    tau = torch.minimum(_range_min(rank[..., :Nk], v_lo, v_hi, big, span),
+                        _range_min(rank[..., Nk:], s_lo, s_hi, big, span))
+    tau_free = torch.where(free, tau, torch.full_like(tau, big)).flatten(-2)  # [Bt, He, nqb * nkb]
+    srt = tau_free.sort(-1).values
+    k = torch.as_tensor(budget, device=dev).expand(Bt, He).clamp(min=0)
+    m = torch.where(k < srt.shape[-1], srt.gather(-1, k.clamp(max=srt.shape[-1] - 1).unsqueeze(-1)).squeeze(-1),
+                    torch.full_like(k, big)).clamp(max=big)
+    return (tau < m[..., None, None]) & causal
 
-    def build(m: torch.Tensor) -> torch.Tensor:  # m int64 [Bt, He] -> bool [Bt, He, nqb, nkb]
-        sel = rank < m[..., None]
-        return _covered(sel[..., :Nk], v_lo, v_hi) | _covered(sel[..., Nk:], s_lo, s_hi)
 
-    lo = torch.zeros((Bt, He), dtype=torch.int64, device=dev)  # invariant: build(lo) within budget
-    hi = torch.full((Bt, He), 2 * Nk, dtype=torch.int64, device=dev)
-    for _ in range(max(1, math.ceil(math.log2(2 * Nk + 1)))):
-        mid = (lo + hi + 1) // 2
-        fits = (build(mid) & free).sum((-1, -2)) <= budget
-        lo = torch.where(fits, mid, lo)
-        hi = torch.where(fits, hi, mid - 1)
-    return build(lo) & causal
+def _range_min(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, empty: int, max_len: int) -> torch.Tensor:
+    """``min(x[..., lo:hi + 1])`` for every range: ``x`` int64 ``[..., N]``, ``lo``/``hi`` int64
+    ``[nqb, nkb]`` (``empty`` where ``lo > hi`` after clamping to ``[0, N - 1]``), no range longer
+    than ``max_len`` (host int) -> ``[..., nqb, nkb]``. A sparse table of minima over
+    power-of-two spans, two gathers per range."""
+    N = x.shape[-1]
+    lo_c, hi_c = lo.clamp(min=0), hi.clamp(max=N - 1)
+    ok = lo_c <= hi_c
+    length = (hi_c - lo_c + 1).clamp(min=1)
+    lev = torch.floor(torch.log2(length.double())).long()  # exact for these small ints
+    lev = torch.where((1 << (lev + 1)) <= length, lev + 1, lev)  # guard against log2 rounding
+    lev = torch.where((1 << lev) > length, lev - 1, lev)
+    tables = [x]
+    span = 1
+    while 2 * span <= min(N, max_len):
+        prev = tables[-1]
+        nxt = prev.clone()
+        nxt[..., : N - span] = torch.minimum(prev[..., : N - span], prev[..., span:])
+        tables.append(nxt)
+        span *= 2
+    st = torch.stack(tables, -2).flatten(-2)  # [..., levels * N]
+    base = lev * N
+    i1 = (base + lo_c.clamp(max=N - 1)).reshape(-1)
+    i2 = (base + (hi_c - (1 << lev) + 1).clamp(min=0, max=N - 1)).reshape(-1)
+    flat = (*x.shape[:-1], i1.numel())
+    r = torch.minimum(torch.gather(st, -1, i1.expand(flat)), torch.gather(st, -1, i2.expand(flat)))
+    r = r.view(*x.shape[:-1], *lo.shape)
+    return torch.where(ok, r, torch.full_like(r, empty))
 
 
 __all__ = ["SHARES", "last_query_mask", "last_query_scores", "select_blocks"]

@@ -208,7 +208,7 @@ def dynamic_indices(
     kv_lens: torch.Tensor | None,
     block_size: int,
     scale: float | None = None,
-    max_elements: int = 1 << 24,
+    max_elements: int = 1 << 20,
 ) -> torch.Tensor:
     """The chosen dynamic blocks: int64 ``[Bt, Hd, nqb, kmax]``, ``-1`` where none.
 
@@ -232,29 +232,36 @@ def dynamic_indices(
     B = block_size
     Bt, Hq, Nk, D = k.shape[0], q.shape[1], k.shape[2], q.shape[3]
     Hkv = k.shape[1]
+    G = Hq // Hkv
     nqb, nkb = bias.shape[2], bias.shape[3]
     scale = D ** -0.5 if scale is None else float(scale)
     dh = table.dynamic_heads
     Hd = int(dh.shape[0])
-    qp = _pool(q.index_select(1, dh), q_lens, nqb, B) * scale  # [Bt, Hd, nqb, D] float32
-    kd = k.index_select(1, dh // (Hq // Hkv)).float()  # [Bt, Hd, Nk, D]
-    pad = nkb * B - Nk
-    kbias = torch.zeros((Bt, 1, 1, nkb * B), dtype=torch.float32, device=k.device)
-    if pad:
-        kbias[..., Nk:] = float("-inf")
+    # pooled queries of every head (fp32 means, then k's dtype), grouped by KV head so that one
+    # matmul per group scores them against k as it is: no copy or up-cast of k per head
+    qp = (_pool(q, q_lens, nqb, B) * scale).to(k.dtype).view(Bt, Hkv, G * nqb, D)
+    kbias = None
     if kv_lens is not None:
-        past = torch.arange(nkb * B, device=k.device)[None, :] >= kv_lens.to(k.device)[:, None]
+        past = torch.arange(Nk, device=k.device)[None, :] >= kv_lens.to(k.device)[:, None]
+        kbias = torch.zeros((Bt, 1, 1, Nk), dtype=torch.float32, device=k.device)
         kbias = kbias.masked_fill(past[:, None, None, :], float("-inf"))
-    if pad:
-        kd = torch.nn.functional.pad(kd, (0, 0, 0, pad))
-    step = max(1, max_elements // max(1, Bt * Hd * nkb * B))
+    pad = nkb * B - Nk
+    step = max(1, max_elements // max(1, Bt * Hq * Nk))
+    kt = k.transpose(-1, -2)
     parts = []
     for c0 in range(0, nqb, step):
-        s = torch.matmul(qp[:, :, c0:c0 + step], kd.transpose(-1, -2)) + kbias  # [Bt, Hd, c, nkb*B]
+        c1 = min(nqb, c0 + step)
+        qc = qp.view(Bt, Hkv, G, nqb, D)[:, :, :, c0:c1].reshape(Bt, Hkv, G * (c1 - c0), D)
+        s = torch.matmul(qc, kt).view(Bt, Hq, c1 - c0, Nk).index_select(1, dh).float()
+        if kbias is not None:
+            s = s.add_(kbias)
         # logsumexp per block, shifted by the row's max (cheaper than a per-block max); a block
         # that underflows gets a finite floor, so it stays a (last-ranked) candidate
         m = s.amax(-1, keepdim=True)
-        e = s.sub_(m).exp_().view(Bt, Hd, s.shape[2], nkb, B).sum(-1)
+        e = s.sub_(m).exp_()
+        if pad:
+            e = torch.nn.functional.pad(e, (0, pad))
+        e = e.view(Bt, Hd, c1 - c0, nkb, B).sum(-1)
         parts.append(e.clamp_(min=torch.finfo(torch.float32).tiny).log_() + m)
     score = torch.cat(parts, 2) + bias
     kmax = min(nkb, max(1, math.ceil(table.max_fraction * nkb)))
