@@ -25,25 +25,30 @@ from .common import one_line_errors, parse_lengths
               help="DAM's last-query estimate budget per non-dense head, a fraction of causal blocks "
                    "(default: the artifact's; 0: off).")
 @click.option("--device", default=None, help="torch device (default: cuda when present, else cpu).")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
+              show_default=True, help="Model dtype; auto: bf16 on a GPU or a CPU with native bf16 "
+                                      "(AMX/AVX512-BF16), else float32.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the JSON here.")
 @one_line_errors
 def bench(model, artifact, lengths, data, repeats, warmup, decode_tokens, backend, min_length, decode, last_query,
-          device, out):
-    """Time MODEL with DAM's ARTIFACT against dense attention (GPU bf16 when present, else CPU fp32)."""
+          device, dtype, out):
+    """Time MODEL with DAM's ARTIFACT against dense attention (bf16 where the device runs it natively)."""
     import json
 
     import torch
 
     from dam.compiler import load_artifact
     from dam.profiler import calibration_samples, load_model
-    from dam.runtime.bench import BenchConfig
+    from dam.runtime.bench import BenchConfig, default_dtype
     from dam.runtime.bench import bench as run
 
     from ._pipeline import tqdm_progress
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype == "auto":
+        dtype = default_dtype(device)
+        click.echo(f"dtype {dtype} (auto for {device}; --dtype float32 to change)")
     cfg = BenchConfig(repeats=repeats, warmup=warmup, decode_tokens=decode_tokens, backend=backend,
                       min_length=min_length, decode=decode, last_query=last_query)
     art = load_artifact(artifact)

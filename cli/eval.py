@@ -44,14 +44,18 @@ def _csv(choices):
               help="DAM's last-query estimate budget per non-dense head, a fraction of causal blocks "
                    "(default: the artifact's; 0: off).")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
+              show_default=True, help="Model dtype (dense and DAM alike); auto: bf16 on a GPU or a CPU with "
+                                      "native bf16 (AMX/AVX512-BF16), else float32.")
 @click.option("--out", default="out/eval", show_default=True, type=click.Path(file_okay=False),
               help="Directory for eval.json and the PNG plots.")
 @one_line_errors
 def eval_cmd(model, artifact, data, start, seed, lengths, tasks, methods, samples, profile_store, backend,
-             last_query, device, out):
+             last_query, device, dtype, out):
     """Evaluate MODEL with DAM's ARTIFACT and baselines against dense attention."""
     from dam.compiler import load_artifact
     from dam.profiler import load_model
+    from dam.runtime.bench import default_dtype
     from dam.runtime.evaluate import EvalConfig, evaluate
 
     from ._pipeline import build_samples, paper_artifact, tqdm_progress, write_report
@@ -70,7 +74,10 @@ def eval_cmd(model, artifact, data, start, seed, lengths, tasks, methods, sample
     if "dam" not in methods:
         methods = ("dam", *methods)
     cfg = EvalConfig(methods=methods, tasks=tasks, backend=backend, last_query=last_query)
-    mdl, tok = load_model(model, device=device)
+    if dtype == "auto":
+        dtype = default_dtype(device)
+        click.echo(f"dtype {dtype} (auto for {device}; --dtype float32 to change)")
+    mdl, tok = load_model(model, device=device, dtype=dtype)
     inputs = build_samples(tok, data, lens, tasks, samples, seed=seed, start=start)
     progress, close = tqdm_progress("eval")
     try:
@@ -79,7 +86,8 @@ def eval_cmd(model, artifact, data, start, seed, lengths, tasks, methods, sample
         close()
     report.skipped.update(skipped)
     meta = {"model": model, "artifact": artifact, "data": data, "start": start, "seed": seed,
-            "lengths": lens, "samples": samples, "profile": profile_store, "backend": backend, "device": device}
+            "lengths": lens, "samples": samples, "profile": profile_store, "backend": backend, "device": device,
+            "dtype": dtype}
     paths = write_report(report, out, meta)
     click.echo(report.format_table())
     click.echo("wrote " + ", ".join(paths))

@@ -88,6 +88,16 @@ class BenchRow:
     attn_layer_density: float
     peak_mem_dense_bytes: int | None
     peak_mem_dam_bytes: int | None
+    #: share of dense prefill time spent in attention (1 - time with a no-op attention / dense)
+    attn_share: float = float("nan")
+    #: mean over layers of the block density that runs (1.0 for layers the dense rule runs dense)
+    density: float = float("nan")
+    #: layers the dense rule ran dense at this length
+    dense_layers: int = 0
+    #: 1 / (1 - s + s * d): the prefill speed-up if attention took density x its dense time
+    ceiling: float = float("nan")
+    #: share of DAM's prefill time spent planning (static lookup, dynamic scores, estimate)
+    plan_share: float = float("nan")
 
 
 @dataclass
@@ -105,15 +115,20 @@ class BenchReport:
     def format_table(self) -> str:
         lines = [f"device {self.device}, {self.dtype}, {self.threads} threads; medians of "
                  f"{self.config['repeats']} runs after {self.config['warmup']} warm-up",
-                 f"{'length':>7} {'prefill dense':>14} {'prefill dam':>12} {'x':>6} {'decode dense':>13} "
+                 f"{'length':>7} {'prefill dense':>14} {'prefill dam':>12} {'x':>6} {'ceiling':>8} "
+                 f"{'attn%':>6} {'density':>8} {'dense L':>8} {'plan%':>6} {'decode dense':>13} "
                  f"{'decode dam':>11} {'x':>6} {'attn dense':>11} {'attn dam':>9} {'x':>6} {'peak dense':>11} "
                  f"{'peak dam':>9}"]
         for r in self.rows:
             lines.append(
                 f"{r.length:>7} {r.prefill_dense_s:>13.3f}s {r.prefill_dam_s:>11.3f}s {r.prefill_speedup:>5.2f}x "
+                f"{r.ceiling:>7.2f}x {100 * r.attn_share:>5.0f}% {r.density:>8.3f} {r.dense_layers:>8d} "
+                f"{100 * r.plan_share:>5.1f}% "
                 f"{1e3 * r.decode_dense_s_per_token:>10.2f}ms {1e3 * r.decode_dam_s_per_token:>8.2f}ms "
                 f"{r.decode_speedup:>5.2f}x {1e3 * r.attn_dense_s:>8.2f}ms {1e3 * r.attn_dam_s:>6.2f}ms "
                 f"{r.attn_speedup:>5.2f}x {_mib(r.peak_mem_dense_bytes):>11} {_mib(r.peak_mem_dam_bytes):>9}")
+        lines.append("ceiling = 1 / (1 - attn% + attn% * density): the prefill speed-up if attention took "
+                     "density x its dense time (dense L: layers the dense rule ran dense, density 1)")
         return "\n".join(lines)
 
 
@@ -184,6 +199,107 @@ class _PeakMemory:
         elif self._base is not None:
             hwm = self._hwm()
             self.peak = None if hwm is None else max(0, hwm - self._base)
+
+
+def default_dtype(device: str | torch.device) -> str:
+    """The dtype a user of ``device`` runs: bf16 on CUDA and on CPUs with native bf16 matmuls
+    (AMX-BF16 or AVX512-BF16, read from ``/proc/cpuinfo``), else float32."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return "bfloat16"
+    return "bfloat16" if cpu_has_bf16() else "float32"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bf16 matmul instructions (amx_bf16 or avx512_bf16)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        return False
+    return False
+
+
+def _null_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """An attention that costs nothing: zeros ``[B, N, Hq, D]`` (for the attention share)."""
+    B, H, N, D = query.shape
+    return query.new_zeros((B, N, H, value.shape[-1])), None
+
+
+class _NullAttention:
+    """Context: the model's attention replaced by :func:`_null_attention` (configs switched)."""
+
+    NAME = "dam_null_bench"
+
+    def __init__(self, model) -> None:
+        from transformers import AttentionInterface
+
+        from .integration import _configs
+
+        AttentionInterface.register(self.NAME, _null_attention)
+        self.configs = _configs(model)
+
+    def __enter__(self):
+        self.saved = [(c, c._attn_implementation_internal) for c in self.configs]
+        for c in self.configs:
+            c._attn_implementation_internal = self.NAME
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for c, prev in self.saved:
+            c._attn_implementation_internal = prev
+
+
+def _effective_density(model, artifact, config: BenchConfig, ids: torch.Tensor) -> tuple[float, int, float]:
+    """(mean over layers of the block density that runs, layers the dense rule runs dense, planning
+    seconds of one warm forward) for DAM on ``ids``: a layer's planned block density where it runs
+    sparse, 1.0 where it runs dense (all-dense programs, below ``min_length``, or the dense rule)."""
+    p0 = next(model.parameters())
+    dev, dtype = p0.device, p0.dtype
+    L, n = artifact.num_layers, ids.shape[1]
+    h = _apply(model, artifact, config)
+    plan_s = [0.0]
+    seen: dict[int, float] = {}
+    try:
+        thr = h.config.dense_threshold(dev, dtype)
+        dense = {layer for layer in range(L) if h._all_dense[layer] or n < h.config.min_length
+                 or h.planner(layer, dev).density_bound(n, n) > thr}
+        wrapped: set[int] = set()
+        for layer in range(L):
+            p = h.planner(layer, dev)
+            if id(p) in wrapped:
+                continue
+            wrapped.add(id(p))
+
+            def timed(*a, orig=p.plan, **kw):
+                t0 = time.perf_counter()
+                out = orig(*a, **kw)
+                _sync(dev)
+                plan_s[0] += time.perf_counter() - t0
+                return out
+
+            p.plan = timed
+        with torch.no_grad():
+            model(ids, use_cache=False)  # warm: the static layouts are cached per length
+            plan_s[0] = 0.0
+            model(ids, use_cache=False)  # the planning time of a warm forward
+
+        def hook(layer, q, k, layout):
+            nkb = -(-k.shape[2] // layout.block_n)
+            causal = (torch.arange(nkb)[None, :] <= torch.arange(layout.num_q_blocks)[:, None]).sum().item()
+            seen[layer] = float(layout.kv_counts.double().sum(-1).mean().item() / causal)
+            return layout
+
+        h.layout_hook = hook  # with a hook every layer runs sparse: its planned layout is seen
+        with torch.no_grad():
+            model(ids, use_cache=False)
+    finally:
+        h.remove()
+    dens = [1.0 if layer in dense else seen.get(layer, 1.0) for layer in range(L)]
+    return statistics.fmean(dens), len(dense), plan_s[0]
 
 
 def _decode_run(model, cache, last_token: torch.Tensor, n_prompt: int, steps: int, dev) -> float:
@@ -260,9 +376,14 @@ def bench(
             log.warning("length %d < min_length %d: DAM runs dense SDPA there", n, config.min_length)
         handle = _apply(model, artifact, config)
         handle.remove()  # re-applied per run below; validated once here
-        times: dict[str, list[float]] = {"dense": [], "dam": []}
+        times: dict[str, list[float]] = {"dense": [], "dam": [], "null": []}
         dec: dict[str, list[float]] = {"dense": [], "dam": []}
+        null = _NullAttention(model)
         for r in range(runs):
+            with null, torch.no_grad():  # the model without attention (for the attention share)
+                t_null = _timed(lambda ids=ids: model(ids, use_cache=True), dev)
+            if r >= config.warmup:
+                times["null"].append(t_null)
             for mode in ("dense", "dam"):
                 h = _apply(model, artifact, config) \
                     if mode == "dam" else None
@@ -298,16 +419,16 @@ def bench(
                 if h is not None:
                     h.remove()
             peaks[mode] = pm.peak
-        # attention only
+        density, n_dense, plan_s = _effective_density(model, artifact, config, ids)
+        # attention only: one layer's call as the runtime makes it (dense rule, plan, kernel)
         with apply(model, artifact, backend=config.backend, min_length=1, last_query=config.last_query) as h:
             q, k, v, layout = _capture_qkv(model, h, layer, ids)
             mod = h._modules[layer]
             scale = float(getattr(mod, "scaling", 1.0 / math.sqrt(q.shape[-1])))
-            planner = h.planner(layer, dev)
-
-            def dam_attn(planner=planner, n=n, q=q, k=k, v=v, scale=scale):
-                lay = planner.plan(n, n, q, k)
-                return _kernels.sparse_prefill(q, k, v, lay, scale=scale, backend=config.backend)
+        h_run = _apply(model, artifact, config)
+        try:
+            def dam_attn(q=q, k=k, v=v, scale=scale, h_run=h_run):
+                return h_run._attend(layer, q, k, v, None, scale, None)
 
             def dense_attn(q=q, k=k, v=v, scale=scale):
                 return _kernels.dense_attention(q, k, v, scale=scale)
@@ -319,12 +440,15 @@ def bench(
                         t = _timed(fn, dev)
                         if r >= config.warmup:
                             at[mode].append(t)
-            nkb = -(-n // layout.block_n)
-            causal = (torch.arange(nkb)[None, :] <= torch.arange(layout.num_q_blocks)[:, None]).sum().item()
-            lay_density = float(layout.kv_counts.double().sum(-1).mean().item() / causal)
+        finally:
+            h_run.remove()
+        nkb = -(-n // layout.block_n)
+        causal = (torch.arange(nkb)[None, :] <= torch.arange(layout.num_q_blocks)[:, None]).sum().item()
+        lay_density = float(layout.kv_counts.double().sum(-1).mean().item() / causal)
         med = {m: statistics.median(v) for m, v in times.items()}
         dmed = {m: statistics.median(v) for m, v in dec.items()}
         amed = {m: statistics.median(v) for m, v in at.items()}
+        share = min(1.0, max(0.0, 1.0 - med["null"] / med["dense"]))
         rows.append(BenchRow(
             length=n, prefill_dense_s=med["dense"], prefill_dam_s=med["dam"],
             prefill_speedup=med["dense"] / med["dam"],
@@ -333,10 +457,12 @@ def bench(
             attn_dense_s=amed["dense"], attn_dam_s=amed["dam"], attn_speedup=amed["dense"] / amed["dam"],
             attn_layer=layer, attn_layer_density=lay_density,
             peak_mem_dense_bytes=peaks["dense"], peak_mem_dam_bytes=peaks["dam"],
+            attn_share=share, density=density, dense_layers=n_dense,
+            ceiling=1.0 / (1.0 - share + share * density), plan_share=plan_s / med["dam"],
         ))
         log.info("bench N=%d: prefill %.3fs dense / %.3fs dam", n, med["dense"], med["dam"])
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     return BenchReport(rows, name, str(dtype).replace("torch.", ""), torch.get_num_threads(), asdict(config))
 
 
-__all__ = ["BenchConfig", "BenchReport", "BenchRow", "bench"]
+__all__ = ["BenchConfig", "BenchReport", "BenchRow", "bench", "cpu_has_bf16", "default_dtype"]

@@ -87,8 +87,13 @@ def test_bench_command(tiny_dir, tmp_path):
         "--decode-tokens", "2", "--min-length", "1", "--backend", "cpu", "--device", "cpu", "--last-query", "0.1",
         "--out", str(out)])
     assert r.exit_code == 0, r.output
-    assert "prefill dense" in r.output and "cpu, float32" in r.output
+    from dam.runtime.bench import default_dtype
+
+    want = default_dtype("cpu")  # bf16 on a CPU with native bf16, else float32
+    assert "prefill dense" in r.output and f"cpu, {want}" in r.output and f"dtype {want} (auto" in r.output
     data = json.loads(out.read_text())
     row = data["rows"][0]
     assert row["length"] == 128 and row["prefill_dense_s"] > 0 and row["attn_dam_s"] > 0
+    assert 0.0 <= row["attn_share"] <= 1.0 and 0.0 < row["density"] <= 1.0 and row["plan_share"] >= 0.0
+    assert row["ceiling"] == 1.0 / (1.0 - row["attn_share"] + row["attn_share"] * row["density"])
     assert data["config"]["last_query"] == 0.1
