@@ -48,8 +48,8 @@ DECODE_MODES = ("auto", "sparse", "dense")
 #: (device type, dtype or None for any) -> block density above which sparse prefill loses to dense
 #: SDPA (measured break-even of the attention op, planning included; docs/architecture.md)
 DENSE_ABOVE: dict[tuple[str, torch.dtype | None], float] = {
-    ("cpu", torch.bfloat16): 0.5,
-    ("cpu", torch.float16): 0.5,
+    ("cpu", torch.bfloat16): 0.3,
+    ("cpu", torch.float16): 0.3,
     ("cpu", None): 0.7,
 }
 
