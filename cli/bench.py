@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import one_line_errors, parse_lengths
+from .common import one_line_errors, parse_lengths, run_facts
 
 
 @click.command("bench")
@@ -62,7 +62,7 @@ def bench(model, artifact, lengths, data, repeats, warmup, decode_tokens, backen
     click.echo(report.format_table())
     if out:
         data_out = report.to_json()
-        data_out["meta"] = {"model": model, "artifact": artifact, "data": data}
+        data_out["meta"] = {"model": model, "artifact": artifact, "data": data, **run_facts()}
         with open(out, "w", encoding="utf-8") as fh:
             json.dump(data_out, fh, indent=1)
         click.echo(f"wrote {out}")

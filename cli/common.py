@@ -49,3 +49,29 @@ def parse_length(text: str) -> int:
 
 def parse_lengths(text: str) -> list[int]:
     return [parse_length(t) for t in str(text).split(",") if t.strip()]
+
+
+def run_facts() -> dict:
+    """What a recorded result needs besides its figures: the command, the commit, the versions
+    and the machine."""
+    import platform
+    import subprocess
+    import sys
+
+    import torch
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=False).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"command": "dam " + " ".join(sys.argv[1:]), "commit": commit, "torch": torch.__version__,
+            "transformers": transformers.__version__, "cpu": cpu, "threads": torch.get_num_threads(),
+            "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

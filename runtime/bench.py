@@ -286,6 +286,7 @@ def _effective_density(model, artifact, config: BenchConfig, ids: torch.Tensor) 
             model(ids, use_cache=False)  # warm: the static layouts are cached per length
             plan_s[0] = 0.0
             model(ids, use_cache=False)  # the planning time of a warm forward
+        plan_time = plan_s[0]  # before the observing forward below (it plans every layer)
 
         def hook(layer, q, k, layout):
             nkb = -(-k.shape[2] // layout.block_n)
@@ -299,7 +300,7 @@ def _effective_density(model, artifact, config: BenchConfig, ids: torch.Tensor) 
     finally:
         h.remove()
     dens = [1.0 if layer in dense else seen.get(layer, 1.0) for layer in range(L)]
-    return statistics.fmean(dens), len(dense), plan_s[0]
+    return statistics.fmean(dens), len(dense), plan_time
 
 
 def _decode_run(model, cache, last_token: torch.Tensor, n_prompt: int, steps: int, dev) -> float:
