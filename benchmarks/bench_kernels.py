@@ -26,8 +26,6 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -36,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from dam.kernels import BlockLayout, block_sparse_attention, block_sparse_decode
+from dam.runtime.bench import run_facts
 
 log = logging.getLogger("bench_kernels")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -358,20 +357,11 @@ def _write(res: dict, args, device: str, kind: str, stem: str) -> None:
         stem += "_quick"
     res.update(device=device, figure_kind=kind, torch=torch.__version__,
                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               command="python " + " ".join(sys.argv), commit=_commit(),
-               cpu_threads=torch.get_num_threads())
+               **run_facts())
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2))
     plot(res, args.out / f"{stem}.png")
     log.info("%s on %s -> %s.{json,png}", kind, device, args.out / stem)
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, check=False).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def _cpu_name() -> str:

@@ -19,7 +19,7 @@ def main() -> None:
 
     import os
 
-    from dam.cli._pipeline import plot_report
+    from dam.runtime.evaluate import plot_report
 
     os.makedirs(a.out, exist_ok=True)
 

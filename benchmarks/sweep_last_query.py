@@ -28,9 +28,8 @@ KEYS = ("density", "top1", "kl", "dppl", "top1_q4", "kl_q4", "wall_s")
 def main() -> None:
     from bench_objective import run_method  # this directory's sibling script
 
-    from dam.cli.common import parse_length
     from dam.compiler import load_artifact
-    from dam.profiler import calibration_samples, load_model
+    from dam.profiler import calibration_samples, load_model, parse_length
     from dam.runtime.baselines import ElementVSHook, MInferenceHook
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

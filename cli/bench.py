@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import one_line_errors, parse_lengths, run_facts
+from .common import one_line_errors, parse_lengths
 
 
 @click.command("bench")
@@ -34,12 +34,13 @@ def bench(model, artifact, lengths, data, repeats, warmup, decode_tokens, backen
           device, dtype, out):
     """Time MODEL with DAM's ARTIFACT against dense attention (bf16 where the device runs it natively)."""
     import json
+    import sys
 
     import torch
 
     from dam.compiler import load_artifact
     from dam.profiler import calibration_samples, load_model
-    from dam.runtime.bench import BenchConfig, default_dtype
+    from dam.runtime.bench import BenchConfig, default_dtype, run_facts
     from dam.runtime.bench import bench as run
 
     from ._pipeline import tqdm_progress
@@ -62,7 +63,7 @@ def bench(model, artifact, lengths, data, repeats, warmup, decode_tokens, backen
     click.echo(report.format_table())
     if out:
         data_out = report.to_json()
-        data_out["meta"] = {"model": model, "artifact": artifact, "data": data, **run_facts()}
+        data_out["meta"] = {"model": model, "artifact": artifact, "data": data, **run_facts("dam " + " ".join(sys.argv[1:]))}
         with open(out, "w", encoding="utf-8") as fh:
             json.dump(data_out, fh, indent=1)
         click.echo(f"wrote {out}")

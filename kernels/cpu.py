@@ -36,14 +36,10 @@ accumulates in fp32 and keeps fp32 softmax statistics); LSE comes back in float3
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 
 from .layout import BlockLayout, LayoutError
 
-_MIN_PARALLEL_BYTES = 32 << 20  # below this much gathered K/V, no worker threads
 _CHUNK_BYTES = 6 << 20  # gathered K+V bytes per chunk (measured: 6 MB beats 1-2 MB and 16-24 MB)
 
 
@@ -51,16 +47,11 @@ def _flash():
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the fused kernel runs in: the input's own (bf16/fp16 are never up-cast)."""
-    return dtype
-
-
-def _pad_rows(x: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """x [B, H, N, D] -> contiguous [B, H, n, D] in ``dtype`` (zero-padded when n > N)."""
+def _pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x [B, H, N, D] -> contiguous [B, H, n, D] (zero-padded when n > N), in x's dtype."""
     if x.shape[2] == n:
-        return x.to(dtype).contiguous()
-    out = x.new_zeros((x.shape[0], x.shape[1], n, x.shape[3]), dtype=dtype)
+        return x.contiguous()
+    out = x.new_zeros((x.shape[0], x.shape[1], n, x.shape[3]))
     out[:, :, : x.shape[2]] = x
     return out
 
@@ -100,7 +91,7 @@ def attention_cpu(
 
     Runs in the inputs' own dtype (bf16/fp16/fp32/fp64: the fused kernel accumulates and keeps its
     softmax statistics in fp32 inside). With GQA, the query heads of a KV head that keep the same
-    blocks run stacked (one ``[g * T * block_m, D]`` query tile per KV block set, see
+    blocks run stacked (one ``[g * block_m, D]`` query tile per KV block set, see
     :func:`_gqa_split`); what the heads keep apart runs per head; both are merged by LSE.
 
     Args:
@@ -277,10 +268,10 @@ def _attend(q, k, v, layout: BlockLayout, shared: bool, *, causal: bool, scale: 
     nonempty = nonempty_mask.nonzero().squeeze(1)
     if nonempty.numel():
         # query tiles: [B, vh, nqb, gq, bm, D] -> flat rows of gq*bm*D
-        qp = _pad_rows(q, nqb * bm, cdt).view(bsz, vh, gq, nqb, bm, d).transpose(2, 3)
+        qp = _pad_rows(q, nqb * bm).view(bsz, vh, gq, nqb, bm, d).transpose(2, 3)
         qrows = qp.reshape(rows_total, rows_q * d)
-        kp = _pad_rows(k, nkb * bn, cdt).view(bsz * hkv * nkb, bn * d)
-        vp = _pad_rows(v, nkb * bn, cdt).view(bsz * hkv * nkb, bn * d)
+        kp = _pad_rows(k, nkb * bn).view(bsz * hkv * nkb, bn * d)
+        vp = _pad_rows(v, nkb * bn).view(bsz * hkv * nkb, bn * d)
         # KV block base per row: (b * hkv + h_kv) * nkb
         hk = torch.arange(vh) // (1 if shared else g)
         base = ((torch.arange(bsz).view(-1, 1) * hkv + hk.view(1, -1)) * nkb).view(bsz, vh, 1)
@@ -301,7 +292,6 @@ def _attend(q, k, v, layout: BlockLayout, shared: bool, *, causal: bool, scale: 
 def _dense_prefixes(q, k, v, dense_pre, gq, g, bm, *, causal, scale, out, lse) -> None:
     """Rows ``[0, dense_pre[b, vh] * bm)`` of the query heads of virtual head ``vh`` keep every
     visible key: one fused flash call per (batch entry, prefix length) over those heads."""
-    cdt = _compute_dtype(q.dtype)
     nq, nk = q.shape[2], k.shape[2]
     for b in range(q.shape[0]):
         for p in torch.unique(dense_pre[b]).tolist():
@@ -312,11 +302,11 @@ def _dense_prefixes(q, k, v, dense_pre, gq, g, bm, *, causal, scale, out, lse) -
             kh = hs // g
             rows = min(p * bm, nq)
             keys = min(rows, nk) if causal else nk  # causal implies Nq == Nk here
-            qb = q[b, :, :rows].index_select(0, hs).to(cdt).unsqueeze(0)
-            kb = k[b, :, :keys].index_select(0, kh).to(cdt).unsqueeze(0)
-            vb = v[b, :, :keys].index_select(0, kh).to(cdt).unsqueeze(0)
+            qb = q[b, :, :rows].index_select(0, hs).unsqueeze(0)
+            kb = k[b, :, :keys].index_select(0, kh).unsqueeze(0)
+            vb = v[b, :, :keys].index_select(0, kh).unsqueeze(0)
             o, lz = _flash()(qb, kb, vb, is_causal=causal, scale=scale)
-            out[b, :, :rows].index_copy_(0, hs, o[0].to(out.dtype))
+            out[b, :, :rows].index_copy_(0, hs, o[0])
             if lse is not None:
                 lse[b, :, :rows].index_copy_(0, hs, lz[0].to(lse.dtype))
 
@@ -393,59 +383,25 @@ def _run_groups(sig, rows, gidx, qrows, kp, vp, out_rows, lse_rows, *, bm, bn, g
         for c0 in range(start, start + n, chunk):
             tasks.append((c0, min(chunk, start + n - c0), nblk, mask, empty))
         start += n
-    tasks.sort(key=lambda t: -t[1] * t[2])  # biggest first: balanced workers
     ctx = dict(rows_sorted=rows_sorted, gidx_sorted=gidx_sorted, qrows=qrows, kp=kp, vp=vp,
                out_rows=out_rows, lse_rows=lse_rows, bn=bn, rows_q=gq * bm, d=d, scale=scale,
                buf_blocks=buf_blocks, max_rows=min(rows.numel(), buf_blocks))
-    work = sum(t[1] * t[2] for t in tasks) * 2 * bn * d * itemsize
-    _run_tasks(tasks, ctx, _prefill_task, work)
+    _run_tasks(tasks, ctx, _prefill_task)
 
 
-def _run_tasks(tasks: list, ctx: dict, fn, work_bytes: int) -> None:
-    """Run ``fn(task, ctx, buffers)`` over the tasks.
-
-    With ``n = torch.get_num_threads() > 1`` the tasks are shared by ``n`` Python worker threads
-    (ATen releases the GIL) that each run single-threaded ATen ops, instead of one thread making
-    many short OpenMP-parallel calls: short parallel regions pay a barrier each, and on a busy
-    machine a region can wait a whole scheduler slice for its second thread (measured: 3-10x
-    slower under load). Each worker sets its own OpenMP thread count to 1; the caller's setting
-    is restored afterwards (``torch.set_num_threads`` also sets MKL's global count). Small
-    problems (``work_bytes`` of gathered K/V below ``_MIN_PARALLEL_BYTES``) run in the caller's
-    thread: starting workers costs more than they save there.
-    """
-    nthreads = torch.get_num_threads()
-    workers = min(nthreads, len(tasks)) if work_bytes >= _MIN_PARALLEL_BYTES else 1
-    if workers <= 1:
-        bufs: dict = {}
-        for t in tasks:
-            fn(t, ctx, bufs)
-        return
-    lock = threading.Lock()
-    queue = iter(tasks)
-
-    def work() -> None:
-        torch.set_num_threads(1)
-        bufs: dict = {}
-        while True:
-            with lock:
-                t = next(queue, None)
-            if t is None:
-                return
-            fn(t, ctx, bufs)
-
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dam-cpu") as ex:
-            futures = [ex.submit(work) for _ in range(workers)]
-            for f in futures:
-                f.result()
-    finally:
-        torch.set_num_threads(nthreads)
+def _run_tasks(tasks: list, ctx: dict, fn) -> None:
+    """Run ``fn(task, ctx, buffers)`` over the tasks in the caller's thread, with one set of reused
+    buffers; each ATen op uses the caller's intra-op threads (the thread count is the caller's to
+    set, never changed here)."""
+    bufs: dict = {}
+    for t in tasks:
+        fn(t, ctx, bufs)
 
 
 def _prefill_task(task, ctx, bufs) -> None:
     c0, R, nblk, mask, empty = task
     kp, vp, qrows, d, bn, rows_q = ctx["kp"], ctx["vp"], ctx["qrows"], ctx["d"], ctx["bn"], ctx["rows_q"]
-    if not bufs:  # per-worker reused buffers (fresh big allocations page-fault every time)
+    if not bufs:  # reused buffers (fresh big allocations page-fault every time)
         bufs["k"] = kp.new_empty((ctx["buf_blocks"], bn * d))
         bufs["v"] = vp.new_empty((ctx["buf_blocks"], bn * d))
         bufs["q"] = qrows.new_empty((ctx["max_rows"], qrows.shape[1]))
@@ -494,7 +450,7 @@ def decode_cpu(
     hkv, smax = k_cache.shape[1], k_cache.shape[2]
     g = hq // hkv
     bn = layout.block_n
-    cdt = _compute_dtype(q.dtype)
+    cdt = q.dtype
     layout.validate(smax)
     lens = cache_seqlens.to("cpu", torch.int64)
     if not torch.all((lens >= 0) & (lens <= smax)):
@@ -515,21 +471,20 @@ def decode_cpu(
     res_lse = torch.full((rows_total, gq), float("-inf"), dtype=_stat_dtype(cdt))
     rows = (n_keep > 0).nonzero().squeeze(1)
     if rows.numel():
-        qr = q.to(cdt).reshape(rows_total, gq, d)
+        qr = q.reshape(rows_total, gq, d)
         hk = torch.arange(vh) // (1 if shared else g)
         # first cache row of each (b, kv head) in the token-row view [B * Hkv * S_max, D]
         base = ((torch.arange(bsz).view(-1, 1) * hkv + hk.view(1, -1)) * smax).reshape(rows_total)
         kpos = kstart.clamp_min(0).reshape(rows_total, mb)
         rlen = lens.view(bsz, 1).expand(bsz, vh).reshape(rows_total)
-        # rows by kept count, largest first (chunk sizing), so chunks pad little; >= 1 per thread
+        # rows by kept count, largest first (chunk sizing), so chunks pad little
         rows = rows[torch.argsort(n_keep[rows], descending=True, stable=True)]
         itemsize = torch.finfo(cdt).bits // 8
         nk_sorted = n_keep[rows].tolist()
-        per_thread = -(-rows.numel() // max(1, torch.get_num_threads()))
         tasks, c0 = [], 0
         while c0 < rows.numel():
             nmax = nk_sorted[c0]
-            chunk = max(1, min(per_thread, _CHUNK_BYTES // (2 * nmax * bn * d * itemsize)))
+            chunk = max(1, _CHUNK_BYTES // (2 * nmax * bn * d * itemsize))
             n = min(chunk, rows.numel() - c0)
             tasks.append((c0, n, nmax))
             c0 += n
@@ -537,8 +492,7 @@ def decode_cpu(
                    kt=_token_rows(k_cache), vt=_token_rows(v_cache), k_cache=k_cache, v_cache=v_cache,
                    smax=smax, qr=qr,
                    res=res, res_lse=res_lse, bn=bn, d=d, gq=gq, cdt=cdt, scale=scale)
-        work = sum(t[1] * t[2] for t in tasks) * 2 * bn * d * itemsize
-        _run_tasks(tasks, ctx, _decode_task, work)
+        _run_tasks(tasks, ctx, _decode_task)
     # row r = (b, vh); its gq query heads are consecutive heads vh * gq + i
     out.copy_(res.view(bsz, hq, 1, d))
     lse.copy_(res_lse.view(bsz, hq, 1))
@@ -574,7 +528,7 @@ def _decode_task(task, ctx, bufs) -> None:
             src = ctx["k_cache" if name == "k" else "v_cache"]
             bh = base // smax
             x = src[(bh // src.shape[1]).unsqueeze(1), (bh % src.shape[1]).unsqueeze(1), tok]
-        kv.append(x.to(cdt).view(R, 1, L, d))
+        kv.append(x.view(R, 1, L, d))
     am = torch.zeros((R, 1, 1, L), dtype=cdt).masked_fill_(~ok.view(R, 1, 1, L), float("-inf"))
     qg = ctx["qr"].index_select(0, rr).view(R, 1, gq, d)
     o, lz = _flash()(qg, kv[0], kv[1], attn_mask=am, scale=ctx["scale"])

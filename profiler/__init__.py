@@ -20,6 +20,7 @@ from .data import (
     make_passkey_ids,
     make_passkey_prompt,
     parse_data_spec,
+    parse_length,
 )
 from .errors import ProfileError
 from .models import ALIASES, cache_root, load_model, model_fingerprint
@@ -30,6 +31,7 @@ __all__ = [
     "ALIASES", "ATTN_NAME", "SCHEMA", "TOPP", "ProfileConfig", "ProfileError", "ProfileStats",
     "ProfileSummary", "attention_capture", "cache_root", "calibration_samples", "capture",
     "iter_samples", "load_model", "make_kv_retrieval_ids", "make_kv_retrieval_prompt",
-    "make_passkey_ids", "make_passkey_prompt", "model_fingerprint", "parse_data_spec", "profile",
+    "make_passkey_ids", "make_passkey_prompt", "model_fingerprint", "parse_data_spec", "parse_length",
+    "profile",
     "read_attrs", "read_store", "topp_block_counts", "write_store",
 ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import sysconfig
 import uuid
 from collections.abc import Iterator
@@ -252,3 +253,14 @@ def calibration_samples(spec: str, tokenizer, length: int, count: int, *, seed: 
         if i >= start:
             out[i - start] = torch.tensor(ids, dtype=torch.long)
     return out
+
+
+def parse_length(text: str | int) -> int:
+    """'2048', '2k', '8K', '1m' -> int tokens (k = 1024). Raises ProfileError."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", str(text))
+    if not m:
+        raise ProfileError(f"not a length: {text!r} (use e.g. 2048 or 2k)")
+    n = int(m.group(1)) * {"": 1, "k": 1024, "m": 1024 * 1024}[m.group(2).lower()]
+    if n <= 0:
+        raise ProfileError(f"length must be positive: {text!r}")
+    return n

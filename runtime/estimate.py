@@ -168,7 +168,7 @@ def select_blocks(
     srt = tau_free.sort(-1).values
     k = torch.as_tensor(budget, device=dev).expand(Bt, He).clamp(min=0)
     m = torch.where(k < srt.shape[-1], srt.gather(-1, k.clamp(max=srt.shape[-1] - 1).unsqueeze(-1)).squeeze(-1),
-                    torch.full_like(k, big)).clamp(max=big)
+                    torch.full_like(k, big))
     return (tau < m[..., None, None]) & causal
 
 
@@ -181,17 +181,14 @@ def _range_min(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, empty: int, 
     lo_c, hi_c = lo.clamp(min=0), hi.clamp(max=N - 1)
     ok = lo_c <= hi_c
     length = (hi_c - lo_c + 1).clamp(min=1)
-    lev = torch.floor(torch.log2(length.double())).long()  # exact for these small ints
-    lev = torch.where((1 << (lev + 1)) <= length, lev + 1, lev)  # guard against log2 rounding
-    lev = torch.where((1 << lev) > length, lev - 1, lev)
+    levels = max(1, min(N, max_len).bit_length())  # tables[j]: minima over spans of 2 ** j
+    lev = sum((length >= (1 << j)).long() for j in range(1, levels))  # floor(log2(length))
     tables = [x]
-    span = 1
-    while 2 * span <= min(N, max_len):
-        prev = tables[-1]
+    for j in range(1, levels):
+        prev, span = tables[-1], 1 << (j - 1)
         nxt = prev.clone()
         nxt[..., : N - span] = torch.minimum(prev[..., : N - span], prev[..., span:])
         tables.append(nxt)
-        span *= 2
     st = torch.stack(tables, -2).flatten(-2)  # [..., levels * N]
     base = lev * N
     i1 = (base + lo_c.clamp(max=N - 1)).reshape(-1)

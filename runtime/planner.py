@@ -450,15 +450,15 @@ class Planner:
         once per length): static blocks + every dynamic budget + every estimate budget, over the
         causal blocks of all heads."""
         B, H = self.block_size, self.table.num_heads
-        a = torch.arange(_cdiv(q_len, B), device=static.device)
-        ncausal = (kv_len - q_len + torch.clamp((a + 1) * B, max=q_len) - 1) // B + 1  # per query block
+        ql = torch.tensor([q_len], device=static.device)
+        _, i1, _ = _query_block_bounds(ql, ql + (kv_len - q_len), _cdiv(q_len, B), B)
+        ncausal = float((i1 // B + 1).sum())  # causal KV blocks over the query blocks
         kept = float(static.sum())
         if budget is not None:
             kept += float(budget.sum())
-        if self.estimates(q_len):
-            n_est = int(self._estimate_heads.numel())
-            kept += n_est * math.floor(self.last_query * float(ncausal.sum()))  # per head (select_blocks)
-        return min(1.0, kept / (H * float(ncausal.sum())))
+        if self.estimates(q_len):  # floor(fraction * causal blocks) per head, as select_blocks
+            kept += int(self._estimate_heads.numel()) * math.floor(self.last_query * ncausal)
+        return min(1.0, kept / (H * ncausal))
 
     def density_bound(self, q_len: int, kv_len: int) -> float:
         """An upper bound of the block density (kept / causal blocks, all heads) that :meth:`plan`
