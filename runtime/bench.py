@@ -253,6 +253,13 @@ class _NullAttention:
             c._attn_implementation_internal = prev
 
 
+def _layout_density(layout, nk: int) -> float:
+    """Kept blocks over causal blocks (queries = keys, square blocks), mean over rows and heads."""
+    nkb = -(-nk // layout.block_n)
+    causal = (torch.arange(nkb)[None, :] <= torch.arange(layout.num_q_blocks)[:, None]).sum().item()
+    return float(layout.kv_counts.double().sum(-1).mean().item() / causal)
+
+
 def _effective_density(model, artifact, config: BenchConfig, ids: torch.Tensor) -> tuple[float, int, float]:
     """(mean over layers of the block density that runs, layers the dense rule runs dense, planning
     seconds of one warm forward) for DAM on ``ids``: a layer's planned block density where it runs
@@ -289,9 +296,7 @@ def _effective_density(model, artifact, config: BenchConfig, ids: torch.Tensor) 
         plan_time = plan_s[0]  # before the observing forward below (it plans every layer)
 
         def hook(layer, q, k, layout):
-            nkb = -(-k.shape[2] // layout.block_n)
-            causal = (torch.arange(nkb)[None, :] <= torch.arange(layout.num_q_blocks)[:, None]).sum().item()
-            seen[layer] = float(layout.kv_counts.double().sum(-1).mean().item() / causal)
+            seen[layer] = _layout_density(layout, k.shape[2])
             return layout
 
         h.layout_hook = hook  # with a hook every layer runs sparse: its planned layout is seen
@@ -443,9 +448,7 @@ def bench(
                             at[mode].append(t)
         finally:
             h_run.remove()
-        nkb = -(-n // layout.block_n)
-        causal = (torch.arange(nkb)[None, :] <= torch.arange(layout.num_q_blocks)[:, None]).sum().item()
-        lay_density = float(layout.kv_counts.double().sum(-1).mean().item() / causal)
+        lay_density = _layout_density(layout, n)
         med = {m: statistics.median(v) for m, v in times.items()}
         dmed = {m: statistics.median(v) for m, v in dec.items()}
         amed = {m: statistics.median(v) for m, v in at.items()}

@@ -17,8 +17,9 @@ Per (row, head), with ``n = min(last_q, Nq)`` last queries at positions ``i_t``:
   diagonal the other way round;
 * the top ``m`` elements become blocks exactly: a vertical ``j`` keeps KV block ``j // B`` for
   the query blocks whose last query is ``>= j``; a slash ``d`` keeps, for query block ``[i0, i1]``,
-  the KV blocks overlapping ``[i0 - d, i1 - d]`` (one or two). Both are interval tests done with a
-  prefix count over the selected elements (no loop over blocks);
+  the KV blocks overlapping ``[i0 - d, i1 - d]`` (one or two). Both are interval tests: a block
+  is covered when the best rank over its interval of verticals or of slashes is ``< m`` (range
+  minima, no loop over blocks);
 * ``m`` is the largest count whose *new* blocks (not in the given mask) stay within
   ``floor(fraction · causal blocks)``. Each block is covered from the best rank among its
   elements on (a range minimum), so that ``m`` is one order statistic of those ranks over the

@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 IMPL = "dam"
 DECODE_MODES = ("auto", "sparse", "dense")
 #: (device type, dtype or None for any) -> block density above which sparse prefill loses to dense
-#: SDPA (measured break-even of the attention op, planning included; docs/architecture.md)
+#: SDPA, planning included (CPU bf16: benchmarks/results/bench_smollm2_bf16_cpu.json; CPU fp32: the
+#: session-3 8K bench, bench_smollm2_8k_cpu.json; elsewhere not measured: never dense)
 DENSE_ABOVE: dict[tuple[str, torch.dtype | None], float] = {
     ("cpu", torch.bfloat16): 0.3,
     ("cpu", torch.float16): 0.3,
