@@ -48,7 +48,8 @@ def last_query_scores(
 
     Args:
         q: ``[Bt, Hq, Nq, D]``, the last ``Nq`` of ``Nk`` positions; k: ``[Bt, Hkv, Nk, D]``.
-        heads: int64 ``[He]`` query heads to score (GQA by index).
+        heads: int64 ``[He]`` query heads to score (GQA by index), distinct and ascending (so
+            ``He == Hq`` means every head).
     """
     Bt, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -58,7 +59,7 @@ def last_query_scores(
     # in the inputs' dtype (bf16 stays bf16: no up-cast copy of k), scores scaled in fp32
     qs = q[:, :, Nq - n:].reshape(Bt, Hkv, G * n, D)
     s = torch.matmul(qs, k.transpose(-1, -2)).view(Bt, Hq, n, Nk).float().mul_(scale)
-    if heads.numel() != Hq or not bool((heads == torch.arange(Hq, device=heads.device)).all()):
+    if heads.numel() != Hq:  # distinct and ascending: He == Hq is every head, in order
         s = s.index_select(1, heads)
     # causal: only the last n keys can lie after a last query (query t sits at Nk - n + t)
     tri = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)
@@ -93,7 +94,7 @@ def last_query_mask(
         k: ``[Bt, Hkv, Nk, D]`` (post-RoPE).
         current: bool ``[1 or Bt, He, nQB, nKB]``, the blocks those heads already keep; blocks
             in it cost nothing against the budget.
-        heads: int64 ``[He]`` query-head indices.
+        heads: int64 ``[He]`` query-head indices, distinct and ascending.
         fraction: budget of *new* blocks per (row, head), as a fraction of the causal blocks.
         last_q: how many last queries estimate (``>= 1``).
         block_size: ``B``.
@@ -147,7 +148,7 @@ def select_blocks(
     causal = (b0 <= i1).expand(nqb, nkb)
     cur = current.expand(Bt, He, nqb, nkb)
     free = causal & ~cur  # blocks that would cost budget
-    ncausal = int(causal.sum())
+    ncausal = causal_blocks(Nq, Nk, B)  # host arithmetic: no read of a tensor
     budget: int | torch.Tensor = math.floor(fraction * ncausal)
     if share == "adaptive":
         kept = cur[:, :, -1].repeat_interleave(B, -1)[..., :Nk]  # [Bt, He, Nk]: last row's kept keys
@@ -171,6 +172,13 @@ def select_blocks(
     m = torch.where(k < srt.shape[-1], srt.gather(-1, k.clamp(max=srt.shape[-1] - 1).unsqueeze(-1)).squeeze(-1),
                     torch.full_like(k, big))
     return (tau < m[..., None, None]) & causal
+
+
+def causal_blocks(q_len: int, kv_len: int, block_size: int) -> int:
+    """Causal (query block, KV block) pairs of ``q_len`` queries at the last positions of
+    ``kv_len`` keys, from the lengths alone (host ints)."""
+    B, off = int(block_size), int(kv_len) - int(q_len)
+    return sum((off + min((a + 1) * B, q_len) - 1) // B + 1 for a in range(-(-int(q_len) // B)))
 
 
 def _range_min(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, empty: int, max_len: int) -> torch.Tensor:
@@ -200,4 +208,4 @@ def _range_min(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, empty: int, 
     return torch.where(ok, r, torch.full_like(r, empty))
 
 
-__all__ = ["SHARES", "last_query_mask", "last_query_scores", "select_blocks"]
+__all__ = ["SHARES", "causal_blocks", "last_query_mask", "last_query_scores", "select_blocks"]

@@ -36,6 +36,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -43,7 +44,7 @@ from dam.compiler import MaskProgram
 from dam.kernels import BlockLayout
 
 from .errors import DamRuntimeError
-from .estimate import SHARES, last_query_mask
+from .estimate import SHARES, causal_blocks, last_query_mask
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -264,10 +265,15 @@ def dynamic_indices(
         e = e.view(Bt, Hd, c1 - c0, nkb, B).sum(-1)
         parts.append(e.clamp_(min=torch.finfo(torch.float32).tiny).log_() + m)
     score = torch.cat(parts, 2) + bias
-    kmax = min(nkb, max(1, math.ceil(table.max_fraction * nkb)))
+    kmax = _dynamic_width(table, nkb)
     vals, idx = score.topk(kmax, dim=-1)
     keep = (torch.arange(kmax, device=q.device) < budget.unsqueeze(-1)) & torch.isfinite(vals)
     return torch.where(keep, idx, torch.full_like(idx, -1))
+
+
+def _dynamic_width(table: ProgramTable, nkb: int) -> int:
+    """Slots of the dynamic top-k per row (host int): the largest budget over ``nkb`` blocks."""
+    return min(nkb, max(1, math.ceil(table.max_fraction * nkb)))
 
 
 def dynamic_block_mask(
@@ -356,6 +362,16 @@ def mask_to_layout(mask: torch.Tensor, block_size: int, max_blocks: int | None =
     return BlockLayout(idx, counts.clamp(max=max_blocks).contiguous(), block_size, block_size)
 
 
+class _Entry(NamedTuple):
+    """What a :class:`Planner` caches per ``(q_len, kv_len)``."""
+
+    layout: BlockLayout  # static layout [1, H, nqb, ms]
+    bias: torch.Tensor | None  # dynamic candidates [1, Hd, nqb, nkb] (0 / -inf)
+    budget: torch.Tensor | None  # dynamic budget [1, Hd, nqb]
+    bound: float  # density bound (host)
+    width: int  # kept blocks per row once dynamic blocks and the estimate are added (host bound)
+
+
 class Planner:
     """Plans one layer's block layouts; caches the length-only part per ``(q_len, kv_len)``.
 
@@ -398,10 +414,7 @@ class Planner:
             raise DamRuntimeError(f"last_query_share must be one of {SHARES}, got {last_query_share!r}")
         self.last_query_share = last_query_share
         self._estimate_heads = (~self.table.dense).nonzero().squeeze(1)
-        # (q_len, kv_len) -> (static layout [1,H,nqb,ms], dynamic bias [1,Hd,nqb,nkb] | None,
-        #                     dynamic budget [1,Hd,nqb] | None, density bound)
-        self._cache: OrderedDict[tuple[int, int], tuple[BlockLayout, torch.Tensor | None,
-                                                        torch.Tensor | None, float]] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int], _Entry] = OrderedDict()
 
     @property
     def has_dynamic(self) -> bool:
@@ -411,10 +424,11 @@ class Planner:
         """Whether a call with ``q_len`` queries adds the last-query estimate."""
         return self.last_query > 0 and q_len >= self.block_size and self._estimate_heads.numel() > 0
 
-    def _with_estimate(self, mask, q, k, lens, scale) -> BlockLayout:
+    def _with_estimate(self, mask, q, k, lens, scale, width=None) -> BlockLayout:
         """Kept blocks ``mask [Bt, H, nqb, nkb]`` (static and dynamic) + the last-query blocks ->
-        layout (one host sync). ``lens``: host ``(q_len, kv_len)`` per row, or None when every
-        row holds all of ``q``/``k`` (then one batched estimate)."""
+        layout. ``lens``: host ``(q_len, kv_len)`` per row, or None when every row holds all of
+        ``q``/``k`` (then one batched estimate). ``width``: a host bound of the kept blocks per
+        row (then no host sync), else read from the mask."""
         B, eh = self.block_size, self._estimate_heads
         for b in range(q.shape[0]) if lens is not None else [None]:
             rows = slice(None) if b is None else slice(b, b + 1)
@@ -423,7 +437,7 @@ class Planner:
             cur = sub[:, eh]
             sub[:, eh] = cur | last_query_mask(q[rows, :, :nq], k[rows, :, :nk], cur, eh, self.last_query,
                                                self.last_query_queries, B, scale, self.last_query_share)
-        return mask_to_layout(mask, B)
+        return mask_to_layout(mask, B, width)
 
     def _static(self, q_len: int, kv_len: int):
         key = (q_len, kv_len)
@@ -439,7 +453,8 @@ class Planner:
         bias = budget = None
         if self.has_dynamic:
             bias, budget = dynamic_candidates(self.table, mask, ql, kl, B)
-        entry = (layout, bias, budget, self._bound(mask, budget, q_len, kv_len))
+        entry = _Entry(layout, bias, budget, self._bound(mask, budget, q_len, kv_len),
+                       self._width(layout, q_len, kv_len))
         self._cache[key] = entry
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
@@ -450,9 +465,7 @@ class Planner:
         once per length): static blocks + every dynamic budget + every estimate budget, over the
         causal blocks of all heads."""
         B, H = self.block_size, self.table.num_heads
-        ql = torch.tensor([q_len], device=static.device)
-        _, i1, _ = _query_block_bounds(ql, ql + (kv_len - q_len), _cdiv(q_len, B), B)
-        ncausal = float((i1 // B + 1).sum())  # causal KV blocks over the query blocks
+        ncausal = causal_blocks(q_len, kv_len, B)
         kept = float(static.sum())
         if budget is not None:
             kept += float(budget.sum())
@@ -460,12 +473,24 @@ class Planner:
             kept += int(self._estimate_heads.numel()) * math.floor(self.last_query * ncausal)
         return min(1.0, kept / (H * ncausal))
 
+    def _width(self, static: BlockLayout, q_len: int, kv_len: int) -> int:
+        """Host bound of the kept blocks per row once the dynamic blocks and the estimate are
+        added (sizes the estimate's layout without reading its mask)."""
+        nkb = _cdiv(kv_len, self.block_size)
+        width = static.max_blocks
+        if self.has_dynamic:
+            width += _dynamic_width(self.table, nkb)
+        if self.estimates(q_len):
+            ncausal = causal_blocks(q_len, kv_len, self.block_size)
+            width += ncausal if self.last_query_share == "adaptive" else math.floor(self.last_query * ncausal)
+        return min(nkb, width)
+
     def density_bound(self, q_len: int, kv_len: int) -> float:
         """An upper bound of the block density (kept / causal blocks, all heads) that :meth:`plan`
         gives for ``(q_len, kv_len)``, known before any tensor of the call is read (cached with the
         static layout). The runtime runs a layer dense when it is above the break-even."""
         _check_lengths(q_len, kv_len)
-        return self._static(q_len, kv_len)[3]
+        return self._static(q_len, kv_len).bound
 
     def plan(
         self,
@@ -483,7 +508,7 @@ class Planner:
             scale: the attention's softmax scale, used by the dynamic score (default ``D ** -0.5``).
         """
         _check_lengths(q_len, kv_len)
-        layout, bias, budget, _ = self._static(q_len, kv_len)
+        layout, bias, budget, _, width = self._static(q_len, kv_len)
         estimate = self.estimates(q_len)
         if bias is None and not estimate:
             return layout
@@ -504,7 +529,7 @@ class Planner:
         mask = layout.block_mask(_cdiv(kv_len, self.block_size)).expand(q.shape[0], -1, -1, -1).clone()
         if dyn is not None:
             mask[:, self.table.dynamic_heads] |= _indices_mask(dyn, mask.shape[-1])
-        return self._with_estimate(mask, q, k, None, scale)
+        return self._with_estimate(mask, q, k, None, scale, width)
 
     def plan_ragged(
         self,

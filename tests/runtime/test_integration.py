@@ -290,3 +290,34 @@ def test_layout_hook_observes_and_substitutes():
     torch.testing.assert_close(observed, planned, rtol=0, atol=0)
     torch.testing.assert_close(substituted, dense, **TOL)
     assert not torch.allclose(planned, dense, **TOL)  # the programs did change the output
+
+
+def test_cached_forward_plans_without_host_reads(monkeypatch):
+    """A second forward at a cached length plans every layer (static lookup, dynamic scores,
+    last-query estimate) without reading a tensor value on the host: each plan call is replayed
+    on fake tensors first, where ``.item()``, ``.tolist()``, ``bool(t)``, ``nonzero`` or a
+    data-dependent shape raise."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dam.runtime.planner import Planner
+
+    model = tiny_model()
+    ids = torch.randint(0, 128, (2, 130))
+    real_plan = Planner.plan
+    replayed = []
+
+    def checked(self, q_len, kv_len, q=None, k=None, scale=None):
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fq = None if q is None else mode.from_tensor(q)
+            fk = None if k is None else mode.from_tensor(k)
+            real_plan(self, q_len, kv_len, fq, fk, scale)
+        replayed.append(q_len)
+        return real_plan(self, q_len, kv_len, q, k, scale)
+
+    with torch.no_grad(), rt.apply(model, make_artifact(model.config, MIXED_PROGRAMS), backend="cpu",
+                                   min_length=1, last_query=0.2):
+        first = model(ids).logits  # caches the length
+        monkeypatch.setattr(Planner, "plan", checked)
+        again = model(ids).logits
+    assert replayed == [130] * model.config.num_hidden_layers
+    torch.testing.assert_close(again, first, rtol=0, atol=0)

@@ -217,3 +217,56 @@ def test_dynamic_score_finds_a_single_dominant_key():
     # the true mass agrees: block 1 holds most of query 63's attention
     p = torch.softmax((q[0, 0, 63] @ k[0, 0].T) / math.sqrt(D), 0)
     assert p[16:32].sum() > 0.9
+
+
+# --- a cached plan reads no tensor value on the host --------------------------------------------
+_SYNC_PROGRAMS = [
+    MaskProgram(dense=True),
+    MaskProgram(sink=1, window=2, dynamic_fraction=0.2),
+    MaskProgram(sink=2, slashes=(3,), verticals=(40,)),
+    MaskProgram(window=3, dynamic_fraction=0.1),
+]
+
+
+@pytest.mark.parametrize("share", ["uniform", "adaptive"])
+@pytest.mark.parametrize("last_query", [0.0, 0.15])
+def test_cached_plan_makes_no_host_read(share, last_query):
+    """Once a length is cached, planning (static lookup, dynamic scores, last-query estimate) is
+    pure device work: run on fake tensors, any host read (``.item()``, ``.tolist()``,
+    ``bool(t)``, ``nonzero``, a data-dependent shape) raises. The layout it gives on real
+    tensors equals the uncached plan of the same inputs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    B, q_len, kv_len = 16, 150, 200
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, q_len, 8, generator=g)
+    k = torch.randn(2, 2, kv_len, 8, generator=g)
+    p = Planner(_SYNC_PROGRAMS, B, "cpu", last_query=last_query, last_query_queries=16, last_query_share=share)
+    fresh = p.plan(q_len, kv_len, q, k)  # caches the length (one sync allowed here)
+    again = p.plan(q_len, kv_len, q, k)
+    assert torch.equal(again.block_mask(13), fresh.block_mask(13))
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fq, fk = mode.from_tensor(q), mode.from_tensor(k)
+        out = p.plan(q_len, kv_len, fq, fk)
+    assert tuple(out.kv_indices.shape[:3]) == (2, 4, -(-q_len // B))
+    ref = Planner(_SYNC_PROGRAMS, B, "cpu", last_query=last_query, last_query_queries=16,
+                  last_query_share=share).plan(q_len, kv_len, q, k)
+    assert torch.equal(again.block_mask(13), ref.block_mask(13))
+    assert torch.equal(again.kv_counts, ref.kv_counts)
+
+
+@pytest.mark.requires_cuda
+def test_cached_plan_makes_no_host_sync_on_cuda():
+    """On CUDA a cached plan (dynamic scores and estimate included) never synchronises."""
+    B, q_len, kv_len = 64, 1000, 1300
+    q = torch.randn(1, 4, q_len, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 2, kv_len, 64, device="cuda", dtype=torch.bfloat16)
+    p = Planner(_SYNC_PROGRAMS, B, "cuda", last_query=0.15)
+    want = p.plan(q_len, kv_len, q, k)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = p.plan(q_len, kv_len, q, k)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got.kv_indices, want.kv_indices) and torch.equal(got.kv_counts, want.kv_counts)
