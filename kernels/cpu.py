@@ -36,6 +36,9 @@ accumulates in fp32 and keeps fp32 softmax statistics); LSE comes back in float3
 
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
 
 from .layout import BlockLayout, LayoutError
@@ -95,12 +98,12 @@ def attention_cpu(
     :func:`_gqa_split`); what the heads keep apart runs per head; both are merged by LSE.
 
     Args:
-        q: ``[B, Hq, Nq, D]``; k, v: ``[B, Hkv, Nk, D]`` (checked by the launcher).
+        q: ``[B, Hq, Nq, D]``; k, v: ``[B, Hkv, Nk, D]`` (they and the layout are checked by the
+            launcher).
         out: ``[B, Hq, Nq, D]`` in q's dtype; lse: float32 ``[B, Hq, Nq]`` (fully overwritten).
     """
     hq, nq = q.shape[1], q.shape[2]
     hkv, nk = k.shape[1], k.shape[2]
-    layout.validate(nk)
     g = hq // hkv
     kw = dict(causal=causal, scale=scale)
     if _gqa_shared(layout, hq, hkv):
@@ -389,6 +392,26 @@ def _run_groups(sig, rows, gidx, qrows, kp, vp, out_rows, lse_rows, *, bm, bn, g
     _run_tasks(tasks, ctx, _prefill_task)
 
 
+_SCRATCH = threading.local()
+_SCRATCH_KEEP = 256 << 20  # bytes a thread keeps between calls, per buffer
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A reused buffer of ``shape`` (contents undefined), kept per thread between calls: fresh
+    allocations this big are returned to the OS when freed and page-fault on every call. Buffers
+    over ``_SCRATCH_KEEP`` are not kept. Never part of a kernel's output."""
+    n = math.prod(shape)
+    pool = getattr(_SCRATCH, "pool", None)
+    if pool is None:
+        pool = _SCRATCH.pool = {}
+    buf = pool.get(name)
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        buf = torch.empty(n, dtype=dtype)
+        if n * buf.element_size() <= _SCRATCH_KEEP:
+            pool[name] = buf
+    return buf[:n].view(shape)
+
+
 def _run_tasks(tasks: list, ctx: dict, fn) -> None:
     """Run ``fn(task, ctx, buffers)`` over the tasks in the caller's thread, with one set of reused
     buffers; each ATen op uses the caller's intra-op threads (the thread count is the caller's to
@@ -402,9 +425,9 @@ def _prefill_task(task, ctx, bufs) -> None:
     c0, R, nblk, mask, empty = task
     kp, vp, qrows, d, bn, rows_q = ctx["kp"], ctx["vp"], ctx["qrows"], ctx["d"], ctx["bn"], ctx["rows_q"]
     if not bufs:  # reused buffers (fresh big allocations page-fault every time)
-        bufs["k"] = kp.new_empty((ctx["buf_blocks"], bn * d))
-        bufs["v"] = vp.new_empty((ctx["buf_blocks"], bn * d))
-        bufs["q"] = qrows.new_empty((ctx["max_rows"], qrows.shape[1]))
+        bufs["k"] = _scratch("k", (ctx["buf_blocks"], bn * d), kp.dtype)
+        bufs["v"] = _scratch("v", (ctx["buf_blocks"], bn * d), vp.dtype)
+        bufs["q"] = _scratch("q", (ctx["max_rows"], qrows.shape[1]), qrows.dtype)
     L = nblk * bn
     rr = ctx["rows_sorted"][c0 : c0 + R]
     bidx = ctx["gidx_sorted"][c0 : c0 + R, :nblk].reshape(-1)
@@ -451,7 +474,6 @@ def decode_cpu(
     g = hq // hkv
     bn = layout.block_n
     cdt = q.dtype
-    layout.validate(smax)
     lens = cache_seqlens.to("cpu", torch.int64)
     if not torch.all((lens >= 0) & (lens <= smax)):
         raise LayoutError(f"cache_seqlens must lie in [0, S_max={smax}], got {lens.tolist()}")
@@ -514,21 +536,36 @@ def _decode_task(task, ctx, bufs) -> None:
     bn, d, gq, cdt, smax = ctx["bn"], ctx["d"], ctx["gq"], ctx["cdt"], ctx["smax"]
     L = nmax * bn
     rr = ctx["rows"][c0 : c0 + R]
-    keys = (ctx["kpos"].index_select(0, rr)[:, :nmax].unsqueeze(-1) + torch.arange(bn)).view(R, L)
-    ok = keys < ctx["rlen"].index_select(0, rr).unsqueeze(1)
-    slot_ok = torch.arange(nmax) < ctx["n_keep"].index_select(0, rr).unsqueeze(1)
-    ok &= slot_ok.repeat_interleave(bn, 1)
-    tok = keys.clamp_(max=smax - 1)  # keys past S_max are masked (cache_seqlens <= S_max)
+    kstart = ctx["kpos"].index_select(0, rr)[:, :nmax]  # [R, nmax] first key of each kept block
     base = ctx["base"].index_select(0, rr)
+    slot_ok = (torch.arange(nmax) < ctx["n_keep"].index_select(0, rr).unsqueeze(1)).repeat_interleave(bn, 1)
+    rlen = ctx["rlen"].index_select(0, rr).unsqueeze(1)
     kv = []
-    for name, flat in (("k", ctx["kt"]), ("v", ctx["vt"])):
-        if flat is not None:
-            x = flat.index_select(0, (tok + base.unsqueeze(1)).view(-1))
-        else:  # strides that no token-row view covers: index the 4-D cache directly
-            src = ctx["k_cache" if name == "k" else "v_cache"]
-            bh = base // smax
-            x = src[(bh // src.shape[1]).unsqueeze(1), (bh % src.shape[1]).unsqueeze(1), tok]
-        kv.append(x.view(R, 1, L, d))
+    if ctx["kt"] is not None and ctx["vt"] is not None and smax >= bn:
+        # whole blocks, each one contiguous run of bn * d elements of the token rows: an
+        # overlapping view with one row per starting token gathers them as long rows. A block
+        # that runs past S_max starts bn keys before S_max instead; the keys before its own start
+        # (the previous block's) are masked, so nothing is counted twice.
+        first = kstart.clamp(max=smax - bn)
+        keys = (first.unsqueeze(-1) + torch.arange(bn)).view(R, L)
+        ok = (keys >= kstart.repeat_interleave(bn, 1)) & (keys < rlen) & slot_ok
+        start = (first + base.unsqueeze(1)).view(-1)
+        for name, flat in (("k", ctx["kt"]), ("v", ctx["vt"])):
+            runs = flat.as_strided((flat.shape[0] - bn + 1, bn * d), (d, 1))
+            buf = _scratch(name, (start.numel(), bn * d), flat.dtype)
+            kv.append(torch.index_select(runs, 0, start, out=buf).view(R, 1, L, d))
+    else:  # token by token (a cache shorter than a block, or strides no token-row view covers)
+        keys = (kstart.unsqueeze(-1) + torch.arange(bn)).view(R, L)
+        ok = (keys < rlen) & slot_ok
+        tok = keys.clamp(max=smax - 1)  # keys past S_max are masked (cache_seqlens <= S_max)
+        for name, flat in (("k", ctx["kt"]), ("v", ctx["vt"])):
+            if flat is not None:
+                x = flat.index_select(0, (tok + base.unsqueeze(1)).view(-1))
+            else:
+                src = ctx["k_cache" if name == "k" else "v_cache"]
+                bh = base // smax
+                x = src[(bh // src.shape[1]).unsqueeze(1), (bh % src.shape[1]).unsqueeze(1), tok]
+            kv.append(x.view(R, 1, L, d))
     am = torch.zeros((R, 1, 1, L), dtype=cdt).masked_fill_(~ok.view(R, 1, 1, L), float("-inf"))
     qg = ctx["qr"].index_select(0, rr).view(R, 1, gq, d)
     o, lz = _flash()(qg, kv[0], kv[1], attn_mask=am, scale=ctx["scale"])

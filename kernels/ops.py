@@ -59,6 +59,7 @@ def block_sparse_attention(
     backend: str = "auto",
     out: torch.Tensor | None = None,
     lse_out: torch.Tensor | None = None,
+    validate: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention over the KV blocks a layout keeps (prefill, chunked prefill).
 
@@ -74,6 +75,9 @@ def block_sparse_attention(
         backend: ``"auto"``, ``"triton"`` or ``"cpu"`` (see the module docstring).
         out, lse_out: optional preallocated results (``[B, Hq, Nq, D]`` in q's dtype, float32
             ``[B, Hq, Nq]``); every element is overwritten.
+        validate: on the CPU path, check the layout's contents first (sorted, in range; a host
+            read of the layout). Pass False for layouts known to be valid (``dam.runtime`` does
+            for the planner's); the GPU path never reads them on the host.
 
     Returns:
         ``out [B, Hq, Nq, D]`` in q's dtype, and ``lse float32 [B, Hq, Nq]`` when
@@ -100,6 +104,8 @@ def block_sparse_attention(
     elif which == "cpu":
         from .cpu import attention_cpu
 
+        if validate:
+            layout.validate(nk)
         attention_cpu(q, k, v, layout, causal=bool(causal), scale=scale, out=out,
                       lse=lse_out if want_lse else None)
     else:
@@ -121,6 +127,7 @@ def block_sparse_decode(
     backend: str = "auto",
     out: torch.Tensor | None = None,
     lse_out: torch.Tensor | None = None,
+    validate: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse decode: one new query per sequence against a padded KV cache.
 
@@ -135,6 +142,7 @@ def block_sparse_decode(
         return_lse: also return ``lse float32 [B, Hq, 1]``.
         backend: ``"auto"``, ``"triton"`` or ``"cpu"``.
         out, lse_out: optional preallocated results (``[B, Hq, 1, D]``, float32 ``[B, Hq, 1]``).
+        validate: as in :func:`block_sparse_attention`.
 
     Returns:
         ``out [B, Hq, 1, D]`` in q's dtype (and lse). Split-KV over the kept blocks on GPU
@@ -159,6 +167,8 @@ def block_sparse_decode(
     if which == "cpu":
         from .cpu import decode_cpu
 
+        if validate:
+            layout.validate(k_cache.shape[2])
         decode_cpu(q, k_cache, v_cache, layout, **kw)
     else:
         from .triton_kernels import decode_triton

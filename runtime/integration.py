@@ -54,6 +54,13 @@ DENSE_ABOVE: dict[tuple[str, torch.dtype | None], float] = {
     ("cpu", None): 0.7,
 }
 
+#: device type -> cache length from which ``decode="auto"`` runs a decode step block-sparse, for
+#: layers with no dynamic heads (a dynamic head scores every key of the cache each step, as many
+#: reads as dense decode, so on the CPU such layers decode dense at any length). Elsewhere: always
+#: sparse. CPU bf16, one static layer of the SmolLM2 artifact, planning included: sparse loses at
+#: 8K-16K and wins from ~24K (benchmarks/results/bench_decode_cpu.json).
+DECODE_SPARSE_FROM: dict[str, int] = {"cpu": 24576}
+
 
 @dataclass(frozen=True)
 class RuntimeConfig:
@@ -65,10 +72,9 @@ class RuntimeConfig:
         block_size: block size of the layouts (``None``: the artifact's).
         plan_cache_size: ``(q_len, kv_len)`` entries each layer's planner keeps.
         decode: one-query (decode) steps: ``"sparse"`` (block-sparse decode kernel), ``"dense"``
-            (SDPA over the whole cache: exact), or ``"auto"``: dense when the tensors are on the
-            CPU, sparse on a GPU. On the CPU a decode step is memory-bound and the block gathers
-            plus per-step planning cost more than they save: SmolLM2 at 8K measured 627 ms per
-            token sparse vs 134 ms dense (``benchmarks/results/bench_smollm2_8k_cpu.json``).
+            (SDPA over the whole cache: exact), or ``"auto"``: sparse where it is measured faster
+            (:data:`DECODE_SPARSE_FROM`: on the CPU only layers without dynamic heads, from a
+            cache of ~24K keys; on a GPU always).
         last_query: budget of blocks estimated per input from the last queries' attention
             (vertical and slash elements, :mod:`dam.runtime.estimate`), added to every non-dense
             head on prefill calls, as a fraction of its causal blocks; 0 turns it off. ``None``:
@@ -310,9 +316,14 @@ class DamHandle:
         return p
 
     # -- the attention call ---------------------------------------------------------------
-    def _dense_decode(self, device: torch.device) -> bool:
+    def _dense_decode(self, layer: int, device: torch.device, kv_len: int) -> bool:
         mode = self.config.decode
-        return mode == "dense" or (mode == "auto" and device.type == "cpu")
+        if mode != "auto":
+            return mode == "dense"
+        start = DECODE_SPARSE_FROM.get(device.type, 0)
+        if device.type == "cpu" and self.planner(layer, device).has_dynamic:
+            return True
+        return kv_len < start
 
     def _dense_for(self, kv_len: int, sliding_window: int | None) -> bool:
         return kv_len < self.config.min_length or (sliding_window is not None and sliding_window < kv_len)
@@ -324,7 +335,7 @@ class DamHandle:
         scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(D)
         if mask is not None and mask.dim() != 2:
             return _kernels.dense_attention(q, k, v, scale=scale, mask4d=mask)
-        if N == 1 and self._dense_decode(q.device):
+        if N == 1 and self._dense_decode(layer, q.device, Nk):
             return _kernels.dense_attention(q, k, v, scale=scale, key_valid=mask, sliding_window=sliding_window)
         if mask is None:
             if self._dense_for(Nk, sliding_window):
@@ -481,5 +492,5 @@ def load(model_id_or_path: str | os.PathLike, artifact: Artifact | str | os.Path
     return model
 
 
-__all__ = ["DENSE_ABOVE", "IMPL", "ArtifactError", "DamHandle", "RuntimeConfig", "apply", "dam_attention_forward",
+__all__ = ["DECODE_SPARSE_FROM", "DENSE_ABOVE", "IMPL", "ArtifactError", "DamHandle", "RuntimeConfig", "apply", "dam_attention_forward",
            "dam_mask", "load"]

@@ -58,6 +58,29 @@ def test_prefill_input_errors(backend):
         block_sparse_attention(q, k, v, "not a layout", backend=backend)
 
 
+def test_validate_false_skips_the_host_check_only(monkeypatch):
+    """``validate=False`` (the runtime's planner-made layouts) skips the host read of the layout
+    and gives the same result; the default still refuses a bad layout (above)."""
+    q, k, v = _qkv(nq=40, nk=40)
+    lay = BlockLayout.from_block_mask(torch.tril(torch.ones(3, 3, dtype=torch.bool)).expand(1, 2, 3, 3), 16, 16)
+    want = block_sparse_attention(q, k, v, lay, backend="cpu")
+    dq = q[:, :, -1:]
+    dlay = BlockLayout.from_block_mask(torch.ones(1, 2, 1, 3, dtype=torch.bool), 16, 16)
+    lens = torch.tensor([40])
+    dwant = block_sparse_decode(dq, k, v, dlay, cache_seqlens=lens, backend="cpu")
+
+    def boom(self, kv_len=None):
+        raise AssertionError("validate was called")
+
+    monkeypatch.setattr(BlockLayout, "validate", boom)
+    torch.testing.assert_close(block_sparse_attention(q, k, v, lay, backend="cpu", validate=False), want,
+                               rtol=0, atol=0)
+    torch.testing.assert_close(block_sparse_decode(dq, k, v, dlay, cache_seqlens=lens, backend="cpu",
+                                                   validate=False), dwant, rtol=0, atol=0)
+    with pytest.raises(AssertionError, match="validate was called"):
+        block_sparse_attention(q, k, v, lay, backend="cpu")
+
+
 def test_triton_refuses_what_it_cannot_do(monkeypatch):
     q, k, v = _qkv(dtype=torch.float64)
     with pytest.raises(LayoutError, match="float64"):

@@ -103,6 +103,29 @@ def test_decode_policy(monkeypatch):
     assert not torch.allclose(outs["sparse"][0], outs["dense"][0], **TOL)  # the sparse mask matters here
 
 
+def test_decode_auto_rule_by_cache_length_and_dynamic_heads(monkeypatch):
+    """decode='auto' on the CPU: a layer without dynamic heads decodes sparse from
+    DECODE_SPARSE_FROM['cpu'] keys on, dense below; a layer with dynamic heads always dense."""
+    from dam.runtime import _kernels, integration
+
+    monkeypatch.setattr(integration, "DECODE_SPARSE_FROM", {"cpu": 60})
+    calls = []
+    real = _kernels.sparse_decode
+    monkeypatch.setattr(_kernels, "sparse_decode", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    model = tiny_model("llama", heads=4, kv_heads=2)
+    layers = model.config.num_hidden_layers
+    with torch.no_grad():
+        for progs, n, want in ((STATIC_PROGRAMS, 70, layers), (STATIC_PROGRAMS, 50, 0),
+                               ((MaskProgram(sink=2, window=1, dynamic_fraction=0.3),) * 4, 70, 0)):
+            calls.clear()
+            ids = torch.randint(0, 128, (1, n))
+            with rt.apply(model, make_artifact(model.config, progs), backend="reference", min_length=1):
+                cache = DynamicCache(config=model.config)
+                model(ids[:, :-1], past_key_values=cache, use_cache=True)
+                model(ids[:, -1:], past_key_values=cache, use_cache=True)
+            assert len(calls) == want, (n, progs[0])
+
+
 def test_only_this_instance_is_switched():
     a, b = tiny_model(), tiny_model()
     ids = torch.randint(0, 128, (1, 50))
