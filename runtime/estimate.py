@@ -32,8 +32,10 @@ Cost: ``n · Nk · D`` multiply-adds per head (in the inputs' dtype) plus a few 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .errors import DamRuntimeError
 
@@ -41,26 +43,58 @@ from .errors import DamRuntimeError
 SHARES = ("uniform", "adaptive")
 
 
+def head_scores(q: torch.Tensor, k: torch.Tensor, heads: Sequence[int], groups: int) -> torch.Tensor:
+    """``q · kᵀ`` of some query heads, float32 ``[Bt, He, c, Nk]``, computed in the inputs' dtype.
+
+    Args:
+        q: ``[Bt, Hkv, G * c, D]``: the ``c`` query rows of the ``G = groups`` query heads of each
+            KV head (head ``hkv * G + g`` is rows ``[g * c, (g + 1) * c)``); k: ``[Bt, Hkv, Nk, D]``.
+        heads: the query heads wanted (host ints, ascending).
+
+    One matmul per KV head group: k is never copied per query head or up-cast. On the CPU the
+    product is taken key-major (``linear(k, q)`` gives ``[Nk, G * c]``), which reads k as it
+    lies; the batched ``q @ kᵀ`` is several times slower there when k is not in the CPU's
+    caches (a long prompt's K; measured in bf16 and fp32, see issue 11's notes).
+    """
+    Bt, Hkv, M, D = q.shape
+    Nk, G = k.shape[2], int(groups)
+    c = M // G
+    heads = list(heads)
+    if q.device.type != "cpu":
+        s = torch.matmul(q, k.transpose(-1, -2)).view(Bt, Hkv * G, c, Nk)
+        if len(heads) != Hkv * G:
+            s = s.index_select(1, torch.tensor(heads, device=q.device))
+        return s.float()
+    out = torch.empty((Bt, len(heads), c, Nk), dtype=torch.float32, device=q.device)
+    for b in range(Bt):
+        last, rt = -1, None
+        for j, h in enumerate(heads):
+            if h // G != last:
+                last = h // G
+                rt = F.linear(k[b, last], q[b, last]).t().view(G, c, Nk)
+            out[b, j].copy_(rt[h % G])
+    return out
+
+
 def last_query_scores(
-    q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, last_q: int, scale: float
+    q: torch.Tensor, k: torch.Tensor, heads: Sequence[int] | torch.Tensor, last_q: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Element scores of the last queries: ``vert [Bt, He, Nk]`` and ``slash [Bt, He, Nk]`` (float32).
 
     Args:
         q: ``[Bt, Hq, Nq, D]``, the last ``Nq`` of ``Nk`` positions; k: ``[Bt, Hkv, Nk, D]``.
-        heads: int64 ``[He]`` query heads to score (GQA by index), distinct and ascending (so
-            ``He == Hq`` means every head).
+        heads: the query heads to score (GQA by index), distinct and ascending: host ints (a
+            tensor is read on the host).
     """
     Bt, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     n = min(int(last_q), Nq)
-    # all query heads, grouped by KV head (no copy of k per query head), then the wanted heads
-    # in the inputs' dtype (bf16 stays bf16: no up-cast copy of k), scores scaled in fp32
+    heads = heads.tolist() if isinstance(heads, torch.Tensor) else list(heads)
+    # all query heads, grouped by KV head (no copy of k per query head), in the inputs' dtype
+    # (bf16 stays bf16: no up-cast copy of k), scores scaled in fp32
     qs = q[:, :, Nq - n:].reshape(Bt, Hkv, G * n, D)
-    s = torch.matmul(qs, k.transpose(-1, -2)).view(Bt, Hq, n, Nk).float().mul_(scale)
-    if heads.numel() != Hq:  # distinct and ascending: He == Hq is every head, in order
-        s = s.index_select(1, heads)
+    s = head_scores(qs, k, heads, G).mul_(scale)
     # causal: only the last n keys can lie after a last query (query t sits at Nk - n + t)
     tri = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)
     s[..., Nk - n:].masked_fill_(tri, float("-inf"))
@@ -80,7 +114,7 @@ def last_query_mask(
     q: torch.Tensor,
     k: torch.Tensor,
     current: torch.Tensor,
-    heads: torch.Tensor,
+    heads: Sequence[int] | torch.Tensor,
     fraction: float,
     last_q: int,
     block_size: int,
@@ -94,7 +128,7 @@ def last_query_mask(
         k: ``[Bt, Hkv, Nk, D]`` (post-RoPE).
         current: bool ``[1 or Bt, He, nQB, nKB]``, the blocks those heads already keep; blocks
             in it cost nothing against the budget.
-        heads: int64 ``[He]`` query-head indices, distinct and ascending.
+        heads: query-head indices, distinct and ascending: host ints (a tensor is read on the host).
         fraction: budget of *new* blocks per (row, head), as a fraction of the causal blocks.
         last_q: how many last queries estimate (``>= 1``).
         block_size: ``B``.
@@ -111,7 +145,8 @@ def last_query_mask(
     if last_q < 1:
         raise DamRuntimeError(f"last-query count must be >= 1, got {last_q}")
     Bt, _, Nq, D = q.shape
-    He = int(heads.shape[0])
+    heads = heads.tolist() if isinstance(heads, torch.Tensor) else list(heads)
+    He = len(heads)
     if He == 0 or fraction == 0.0:
         B = int(block_size)
         return torch.zeros((Bt, He, -(-Nq // B), -(-k.shape[2] // B)), dtype=torch.bool, device=q.device)
@@ -208,4 +243,4 @@ def _range_min(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, empty: int, 
     return torch.where(ok, r, torch.full_like(r, empty))
 
 
-__all__ = ["SHARES", "causal_blocks", "last_query_mask", "last_query_scores", "select_blocks"]
+__all__ = ["SHARES", "causal_blocks", "head_scores", "last_query_mask", "last_query_scores", "select_blocks"]

@@ -44,7 +44,7 @@ from dam.compiler import MaskProgram
 from dam.kernels import BlockLayout
 
 from .errors import DamRuntimeError
-from .estimate import SHARES, causal_blocks, last_query_mask
+from .estimate import SHARES, causal_blocks, head_scores, last_query_mask
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -62,6 +62,7 @@ class ProgramTable:
         dense: bool ``[H]``.
         fraction: float64 ``[Hd]``, the dynamic fractions of the dynamic heads.
         dynamic_heads: int64 ``[Hd]``, indices of the heads with a dynamic part (not dense).
+        dynamic_list: the same indices as host ints.
         max_fraction: the largest dynamic fraction (host float, sizes the top-k).
     """
 
@@ -73,6 +74,7 @@ class ProgramTable:
     fraction: torch.Tensor
     dynamic_heads: torch.Tensor
     max_fraction: float
+    dynamic_list: tuple[int, ...] = ()
 
     @property
     def num_heads(self) -> int:
@@ -102,6 +104,7 @@ class ProgramTable:
             fraction=torch.tensor([progs[h].dynamic_fraction for h in dyn], dtype=torch.float64, device=device),
             dynamic_heads=torch.tensor(dyn, **i64),
             max_fraction=max((progs[h].dynamic_fraction for h in dyn), default=0.0),
+            dynamic_list=tuple(dyn),
         )
 
 
@@ -236,8 +239,7 @@ def dynamic_indices(
     G = Hq // Hkv
     nqb, nkb = bias.shape[2], bias.shape[3]
     scale = D ** -0.5 if scale is None else float(scale)
-    dh = table.dynamic_heads
-    Hd = int(dh.shape[0])
+    Hd = table.num_dynamic
     # pooled queries of every head (fp32 means, then k's dtype), grouped by KV head so that one
     # matmul per group scores them against k as it is: no copy or up-cast of k per head
     qp = (_pool(q, q_lens, nqb, B) * scale).to(k.dtype).view(Bt, Hkv, G * nqb, D)
@@ -248,12 +250,11 @@ def dynamic_indices(
         kbias = kbias.masked_fill(past[:, None, None, :], float("-inf"))
     pad = nkb * B - Nk
     step = max(1, max_elements // max(1, Bt * Hq * Nk))
-    kt = k.transpose(-1, -2)
     parts = []
     for c0 in range(0, nqb, step):
         c1 = min(nqb, c0 + step)
         qc = qp.view(Bt, Hkv, G, nqb, D)[:, :, :, c0:c1].reshape(Bt, Hkv, G * (c1 - c0), D)
-        s = torch.matmul(qc, kt).view(Bt, Hq, c1 - c0, Nk).index_select(1, dh).float()
+        s = head_scores(qc, k, table.dynamic_list, G)
         if kbias is not None:
             s = s.add_(kbias)
         # logsumexp per block, shifted by the row's max (cheaper than a per-block max); a block
@@ -414,6 +415,7 @@ class Planner:
             raise DamRuntimeError(f"last_query_share must be one of {SHARES}, got {last_query_share!r}")
         self.last_query_share = last_query_share
         self._estimate_heads = (~self.table.dense).nonzero().squeeze(1)
+        self._estimate_list = tuple(self._estimate_heads.tolist())  # host copy (no read per call)
         self._cache: OrderedDict[tuple[int, int], _Entry] = OrderedDict()
 
     @property
@@ -435,7 +437,8 @@ class Planner:
             nq, nk = (q.shape[2], k.shape[2]) if b is None else lens[b]
             sub = mask[rows, :, :_cdiv(nq, B), :_cdiv(nk, B)]  # a view of mask
             cur = sub[:, eh]
-            sub[:, eh] = cur | last_query_mask(q[rows, :, :nq], k[rows, :, :nk], cur, eh, self.last_query,
+            sub[:, eh] = cur | last_query_mask(q[rows, :, :nq], k[rows, :, :nk], cur, self._estimate_list,
+                                               self.last_query,
                                                self.last_query_queries, B, scale, self.last_query_share)
         return mask_to_layout(mask, B, width)
 
