@@ -372,6 +372,11 @@ class DamHandle:
         if all(dense_rows):
             out = _kernels.dense_attention(q, k, v, scale=scale, key_valid=valid_k, sliding_window=sliding_window)
             return _zero_pad_rows(out, valid_q)
+        if N > 1 and self.layout_hook is None:  # the dense rule, per row as it would run alone
+            dense_rows = self._rule_dense_rows(layer, q, lq.tolist(), lk_host, dense_rows)
+            if all(dense_rows):
+                out = _kernels.dense_attention(q, k, v, scale=scale, key_valid=valid_k, sliding_window=sliding_window)
+                return _zero_pad_rows(out, valid_q)
         past_ok = N == 1 or N == Nk or bool(valid_k[:, : Nk - N].all())
         if any(dense_rows) or not past_ok or self.layout_hook is not None:
             return self._per_row(layer, q, k, v, valid_k, valid_q, scale, sliding_window)
@@ -393,6 +398,16 @@ class DamHandle:
         out = torch.full_like(outc, float("nan"))  # every row is written by the scatter
         out.scatter_(2, oq[:, None, :, None].expand(-1, Hq, -1, outc.shape[-1]), outc)
         return _zero_pad_rows(out, valid_q)
+
+    def _rule_dense_rows(self, layer, q, lq: list[int], lk: list[int], dense_rows: list[bool]) -> list[bool]:
+        """``dense_rows`` plus the rows the dense rule runs dense (planned density bound above the
+        threshold, or the whole layer dense), as :meth:`_sparse_uniform` decides for a row alone."""
+        if self._all_dense[layer]:
+            return [True] * len(lq)
+        planner = self.planner(layer, q.device)
+        thr = self.config.dense_threshold(q.device, q.dtype)
+        return [d or nq == 0 or (nq > 1 and planner.density_bound(nq, nk) > thr)
+                for d, nq, nk in zip(dense_rows, lq, lk, strict=True)]
 
     def _per_row(self, layer, q, k, v, valid_k, valid_q, scale, sliding_window) -> torch.Tensor:
         out = torch.zeros((*q.shape[:3], v.shape[-1]), dtype=q.dtype, device=q.device)

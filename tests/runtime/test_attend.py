@@ -188,3 +188,41 @@ def test_dense_rule_default_threshold_by_device_and_dtype():
     for bad in (0.0, 1.5, True, "0.5"):
         with pytest.raises(Exception, match="dense_above"):
             RuntimeConfig(dense_above=bad)
+
+
+def test_dense_rule_in_padded_batches(monkeypatch):
+    """A padded batch applies the dense rule per row, as each row would alone: every row above
+    the threshold -> masked dense SDPA for the batch, nothing planned; rows on both sides -> each
+    row equals its own call."""
+    from dam.runtime import Planner
+
+    H, D = 4, 16
+    lens = (200, 120)
+    N = max(lens)
+    q, k, v = torch.randn(2, H, N, D) * 3, torch.randn(2, 2, N, D) * 3, torch.randn(2, 2, N, D)
+    valid = torch.zeros(2, N, dtype=torch.bool)
+    for b, n in enumerate(lens):
+        valid[b, N - n:] = True  # left padding
+    bounds = [Planner(STATIC_PROGRAMS, 16).density_bound(n, n) for n in lens]
+    assert bounds[0] != bounds[1]
+    art = Artifact(programs=STATIC_PROGRAMS, head_program=np.arange(H, dtype=np.int32)[None], block_size=16)
+
+    def alone(handle, b):
+        n = lens[b]
+        return handle._attend(0, q[b:b + 1, :, N - n:], k[b:b + 1, :, N - n:], v[b:b + 1, :, N - n:], None, 0.3,
+                              None)[0]
+
+    low = DamHandle(None, art, RuntimeConfig(backend="cpu", min_length=1, dense_above=min(bounds) * 0.9))
+    monkeypatch.setattr(Planner, "plan", lambda *a, **kw: pytest.fail("planned a dense call"))
+    monkeypatch.setattr(Planner, "plan_ragged", lambda *a, **kw: pytest.fail("planned a dense call"))
+    out = low._attend(0, q, k, v, valid, 0.3, None)
+    for b, n in enumerate(lens):
+        torch.testing.assert_close(out[b, :, N - n:], alone(low, b), **FP32_TOL)
+        assert not out[b, :, : N - n].any()  # padded query rows are zero
+    monkeypatch.undo()
+    mid = DamHandle(None, art, RuntimeConfig(backend="cpu", min_length=1, dense_above=sum(bounds) / 2))
+    out = mid._attend(0, q, k, v, valid, 0.3, None)
+    for b, n in enumerate(lens):
+        torch.testing.assert_close(out[b, :, N - n:], alone(mid, b), **FP32_TOL)
+    sparse = DamHandle(None, art, RuntimeConfig(backend="cpu", min_length=1, dense_above=1.0))
+    assert not torch.allclose(alone(sparse, 0), alone(low, 0), **FP32_TOL)  # the two paths differ
