@@ -8,9 +8,11 @@ Usage::
 
 GPU (CUDA present): ``triton.testing.do_bench`` medians, bf16, B=1, Hq=32, Hkv=8, D=128,
 128-blocks, N in {8K..128K} x density {5, 10, 20, 50, 100} %; decode at cache 32K and 128K.
-CPU: fp32, 2 threads, H=8, D=64, 64-blocks, N in {4K, 8K, 16K} at 10 %, plus a density sweep at
-8K, against causal SDPA and ``torch.compile``-d FlexAttention with a ``BlockMask`` built directly
-from the layout (``BlockMask.from_kv_blocks``: the diagonal blocks as partial blocks with a
+CPU: bf16 then fp32 (``--dtypes``), 2 threads; SmolLM2's shape (Hq/Hkv 9/3, D 64, 64-blocks) at
+N 4K-32K and densities 5-100 %, Llama-3-8B's (32/8, D 128, 128-blocks) at 8K across densities,
+128-blocks at SmolLM2's shape (:func:`cpu_cases`; ``--full``: the whole grid); decode at a 32K
+cache for both shapes; against causal SDPA and ``torch.compile``-d FlexAttention with a
+``BlockMask`` built directly from the layout (``BlockMask.from_kv_blocks``: the diagonal blocks as partial blocks with a
 causal ``mask_mod``, the others as full blocks). Timings are medians over interleaved rounds.
 The layouts are realistic: a sink block, a local window (the diagonal block and the one before)
 and random far blocks per query block up to the target fraction of the causal blocks.
@@ -127,29 +129,38 @@ def gqa_mask(hq: int, hkv: int, nqb: int, density: float, gen: torch.Generator,
     return common | own
 
 
-def cpu_benchmark(quick: bool, threads: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+#: (N, density, Hq, Hkv, D, block) of the default CPU run: SmolLM2's shape (9/3, D 64, block 64)
+#: across lengths and densities, Llama-3-8B's (32/8, D 128, block 128) across densities, and
+#: block 128 at SmolLM2's shape. ``--full`` runs the whole grid of issue 11 (hours on 2 cores).
+def cpu_cases(quick: bool, full: bool) -> list[tuple[int, float, int, int, int, int]]:
+    sweep = (0.05, 0.10, 0.25, 0.50, 1.00)
+    if quick:
+        return [(2048, dd, 9, 3, 64, 64) for dd in (0.10, 0.50)] + [(2048, 0.10, 8, 2, 128, 128)]
+    if full:
+        return [(n, dd, hq, hkv, d, blk) for n in (4096, 8192, 16384, 32768) for hq, hkv in ((9, 3), (32, 8))
+                for d in (64, 128) for blk in (64, 128) for dd in sweep]
+    return ([(8192, dd, 9, 3, 64, 64) for dd in sweep]
+            + [(n, dd, 9, 3, 64, 64) for n in (4096, 16384) for dd in (0.10, 0.25)]
+            + [(32768, 0.10, 9, 3, 64, 64)]
+            + [(8192, dd, 32, 8, 128, 128) for dd in sweep]
+            + [(8192, dd, 9, 3, 64, 128) for dd in (0.10, 0.25)])
+
+
+def cpu_benchmark(quick: bool, threads: int, dtype: torch.dtype = torch.bfloat16, full: bool = False) -> dict:
     torch.set_num_threads(threads)
     from torch.nn.attention.flex_attention import flex_attention
 
-    h, d, block = 8, 64, 64
     gen = torch.Generator().manual_seed(0)
     flex = torch.compile(flex_attention, dynamic=False)
-    sizes = [1024, 2048] if quick else [4096, 8192, 16384]
-    sweep_n = 2048 if quick else 8192
-    # (N, density, Hq, Hkv): H=8 at 10 %, the density sweep, SmolLM2's attention shape (GQA 3,
-    # heads sharing most blocks per KV head as a real artifact's do) across densities
-    cases = [(n, 0.10, h, h) for n in sizes] + [
-        (sweep_n, dd, h, h) for dd in (0.05, 0.25, 0.50, 1.00)
-    ] + [(sweep_n, dd, 9, 3) for dd in (0.10, 0.25, 0.50)]
     rounds = 3 if quick else 5
     rows, sdpa_cache, flex_compiled_for = [], {}, set()
-    for n, dens, hq, hkv in cases:
+    for n, dens, hq, hkv, d, block in cpu_cases(quick, full):
         q = torch.randn(1, hq, n, d, generator=gen).to(dtype)
         k = torch.randn(1, hkv, n, d, generator=gen).to(dtype)
         v = torch.randn(1, hkv, n, d, generator=gen).to(dtype)
         if hq == hkv:
             mask = realistic_mask(hq, n // block, dens, gen)  # one layout row per query head
-        else:
+        else:  # heads sharing most blocks per KV head, as a real artifact's do
             mask = gqa_mask(hq, hkv, n // block, dens, gen)
         layout = BlockLayout.from_block_mask(mask, block, block)
         bmask = flex_block_mask(mask, block, q.device)
@@ -158,24 +169,26 @@ def cpu_benchmark(quick: bool, threads: int, dtype: torch.dtype = torch.bfloat16
             "flex": partial(flex, q, k, v, block_mask=bmask, enable_gqa=hq != hkv),
         }
         first = {"ours": _first_call(fns["ours"])}
-        if (n, hq) not in flex_compiled_for:
+        shape = (n, hq, hkv, d, block)
+        if shape not in flex_compiled_for:
             first["flex"] = _first_call(fns["flex"])  # includes the compile for this shape
-            flex_compiled_for.add((n, hq))
+            flex_compiled_for.add(shape)
         else:
             first["flex"] = None
             fns["flex"]()
-        if (n, hq) not in sdpa_cache:
+        if shape[:4] not in sdpa_cache:
             fns["sdpa"] = partial(F.scaled_dot_product_attention, q, k, v, is_causal=True,
                                   enable_gqa=hq != hkv)
             fns["sdpa"]()
         med, cpu = _time_cpu(fns, rounds)
         if "sdpa" in med:
-            sdpa_cache[(n, hq)] = (med["sdpa"], cpu["sdpa"])
-        med["sdpa"], cpu["sdpa"] = sdpa_cache[(n, hq)]
+            sdpa_cache[shape[:4]] = (med["sdpa"], cpu["sdpa"])
+        med["sdpa"], cpu["sdpa"] = sdpa_cache[shape[:4]]
         err = (fns["ours"]().float() - fns["flex"]().float()).abs().max().item()
         ed = element_density(mask, block)
         row = {
-            "N": n, "density_target": dens, "density": round(ed, 4), "Hq": hq, "Hkv": hkv,
+            "N": n, "density_target": dens, "density": round(ed, 4), "Hq": hq, "Hkv": hkv, "D": d,
+            "block": block,
             "sdpa_s": med["sdpa"], "ours_s": med["ours"], "flex_s": med["flex"],
             "ours_first_call_s": first["ours"], "flex_first_call_s": first["flex"],
             "ours_over_sdpa": med["ours"] / med["sdpa"],
@@ -189,24 +202,23 @@ def cpu_benchmark(quick: bool, threads: int, dtype: torch.dtype = torch.bfloat16
         }
         rows.append(row)
         log.info(
-            "CPU N=%5d Hq=%d Hkv=%d density=%.3f  sdpa %.4fs  ours %.4fs (%.2fx dens)  flex %.4fs (%.2fx dens)"
-            "  ours/flex %.2fx  first call: ours %.2fs flex %s  |diff| %.1e"
-            "  [CPU time: ours %.2fx dens, flex %.2fx dens]",
-            n, hq, hkv, ed, med["sdpa"], med["ours"], row["ours_over_sdpa_per_density"], med["flex"],
+            "CPU N=%5d Hq/Hkv=%d/%d D=%d block=%d density=%.3f  sdpa %.4fs  ours %.4fs (%.2fx dens)"
+            "  flex %.4fs (%.2fx dens)  ours/flex %.2fx  first call: ours %.2fs flex %s  |diff| %.1e",
+            n, hq, hkv, d, block, ed, med["sdpa"], med["ours"], row["ours_over_sdpa_per_density"], med["flex"],
             row["flex_over_sdpa_per_density"], row["speedup_vs_flex"], first["ours"],
             "n/a" if first["flex"] is None else f"{first['flex']:.1f}s", err,
-            row["cpu_time_ours_over_sdpa_per_density"], row["cpu_time_flex_over_sdpa_per_density"],
         )
     decode = []
-    # caches of a multiple of the block and not (+37: what a growing HF cache looks like)
-    dec_cases = [(4096, h, h), (4096 + 37, h, h)] if quick else [
-        (16384, h, h), (32768, h, h), (32768 + 37, h, h), (8192 + 37, 9, 3)]
-    for s, hq, hkv in dec_cases:
+    # caches not a multiple of the block (+37: what a growing HF cache looks like)
+    dec_cases = [(4096 + 37, 9, 3, 64, 64, 0.10)] if quick else [
+        (32768 + 37, hq, hkv, d, blk, dd) for hq, hkv, d, blk in ((9, 3, 64, 64), (32, 8, 128, 128))
+        for dd in (0.05, 0.10, 0.25)]
+    for s, hq, hkv, d, block, dd in dec_cases:
         qd = torch.randn(1, hq, 1, d, generator=gen).to(dtype)
         kc = torch.randn(1, hkv, s, d, generator=gen).to(dtype)
         vc = torch.randn(1, hkv, s, d, generator=gen).to(dtype)
         nkb = -(-s // block)
-        m = realistic_mask(hq, nkb, 0.10, gen)[:, :, -1:, :]  # the last query block's row
+        m = realistic_mask(hq, nkb, dd, gen)[:, :, -1:, :]  # the last query block's row
         lay = BlockLayout.from_block_mask(m, block, block)
         lens = torch.tensor([s])
         fns = {
@@ -216,15 +228,15 @@ def cpu_benchmark(quick: bool, threads: int, dtype: torch.dtype = torch.bfloat16
         for f in fns.values():
             f()
         med, cpu = _time_cpu(fns, 20)
-        decode.append({"cache": s, "Hq": hq, "Hkv": hkv, "density": 0.10, "dense_s": med["dense"],
-                       "ours_s": med["ours"], "speedup": med["dense"] / med["ours"],
+        kept = float(lay.kv_counts.sum()) / (hq * nkb)
+        decode.append({"cache": s, "Hq": hq, "Hkv": hkv, "D": d, "block": block, "density": round(kept, 4),
+                       "dense_s": med["dense"], "ours_s": med["ours"], "speedup": med["dense"] / med["ours"],
                        "cpu_time_s": cpu, "cpu_time_speedup": cpu["dense"] / cpu["ours"]})
-        log.info("CPU decode cache=%d Hq=%d Hkv=%d: dense %.5fs ours %.5fs (%.2fx; CPU time %.2fx)",
-                 s, hq, hkv, med["dense"], med["ours"], med["dense"] / med["ours"],
-                 cpu["dense"] / cpu["ours"])
+        log.info("CPU decode cache=%d Hq/Hkv=%d/%d D=%d density=%.3f: dense %.5fs ours %.5fs (%.2fx)",
+                 s, hq, hkv, d, kept, med["dense"], med["ours"], med["dense"] / med["ours"])
     return {"prefill": rows, "decode": decode, "config": {
-        "dtype": str(dtype).replace("torch.", ""), "B": 1, "H": h, "D": d, "block": block, "threads": threads,
-        "rounds": rounds, "statistic": "median"}}
+        "dtype": str(dtype).replace("torch.", ""), "B": 1, "threads": threads, "rounds": rounds,
+        "grid": "full" if full else ("quick" if quick else "default"), "statistic": "median"}}
 
 
 def gpu_benchmark(quick: bool) -> dict:
@@ -290,14 +302,15 @@ def plot(result: dict, path: Path) -> None:
 
     rows = result["prefill"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    rows = [r for r in rows if r.get("Hq", 0) == r.get("Hkv", 0)]  # the H=8 (MHA) rows
+    shape = lambda r: (r.get("Hq"), r.get("Hkv"), r.get("D"), r.get("block"))  # noqa: E731
+    rows = [r for r in rows if shape(r) == shape(rows[0])]  # the first (main) attention shape
     at10 = sorted((r for r in rows if r["density_target"] == 0.10), key=lambda r: r["N"])
     ns = [r["N"] for r in at10]
     for key, label in (("sdpa_s", "dense causal SDPA"), ("flex_s", "FlexAttention (compiled)"),
                        ("ours_s", "dam block_sparse_attention")):
         ax1.plot(ns, [r[key] * 1e3 for r in at10], marker="o", label=label)
     ax1.set(xscale="log", yscale="log", xlabel="N (tokens)", ylabel="ms",
-            title="prefill at 10 % of causal blocks")
+            title="prefill at 10 % of causal blocks" + _shape_label(rows[0]))
     ax1.set_xticks(ns, [f"{n // 1024}K" for n in ns])
     ax1.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax1.legend()
@@ -309,7 +322,7 @@ def plot(result: dict, path: Path) -> None:
     ax2.plot(ds, ds, "k--", lw=1, label="1.0 x density (floor)")
     ax2.plot(ds, [1.5 * x for x in ds], "k:", lw=1, label="1.5 x density (goal)")
     ax2.set(xlabel="kept fraction of causal attention", ylabel="time / dense causal SDPA",
-            title=f"density sweep at N={n_sweep // 1024}K")
+            title=f"density sweep at N={n_sweep // 1024}K" + _shape_label(rows[0]))
     ax2.legend()
     fig.suptitle(f"{result['figure_kind']} - {result['device']}")
     fig.tight_layout()
@@ -317,10 +330,16 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _shape_label(r: dict) -> str:
+    return f" (Hq/Hkv {r['Hq']}/{r['Hkv']}, D {r['D']})" if "Hq" in r and "D" in r else ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     ap.add_argument("--cpu", action="store_true", help="run the CPU benchmark even with a GPU")
+    ap.add_argument("--full", action="store_true", help="CPU: the whole grid (4 lengths x 2 head shapes x "
+                    "2 head dims x 2 blocks x 5 densities; hours on 2 cores)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (CPU benchmark)")
     ap.add_argument("--dtypes", default="bfloat16,float32",
                     help="CPU benchmark dtypes, comma-separated (one JSON each)")
@@ -340,13 +359,14 @@ def main() -> None:
         device = f"CPU: {platform.processor() or platform.machine()} ({_cpu_name()})"
         for name in args.dtypes.split(","):
             load_before = os.getloadavg()
-            res = cpu_benchmark(args.quick, args.threads, getattr(torch, name.strip()))
+            res = cpu_benchmark(args.quick, args.threads, getattr(torch, name.strip()), args.full)
             # other processes on a shared machine: worker threads suffer most from oversubscription
             res["loadavg_1_5_15"] = {"before": load_before, "after": os.getloadavg()}
             res["env"] = {v: os.environ.get(v) for v in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
                                                          "OMP_NUM_THREADS")}
             kind = f"CPU figure (no GPU used, {args.threads} thread{'s' if args.threads > 1 else ''})"
-            stem = f"kernels_cpu_{name.strip()}" + ("" if args.threads == 2 else f"_{args.threads}thread")
+            stem = f"kernels_cpu_{name.strip()}" + ("" if args.threads == 2 else f"_{args.threads}thread") \
+                + ("_full" if args.full else "")
             _write(res, args, device, kind, stem)
         return
     _write(res, args, device, kind, stem)
@@ -355,7 +375,7 @@ def main() -> None:
 def _write(res: dict, args, device: str, kind: str, stem: str) -> None:
     if args.quick:
         stem += "_quick"
-    res.update(device=device, figure_kind=kind, torch=torch.__version__,
+    res.update(device=device, figure_kind=kind,
                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                **run_facts())
     args.out.mkdir(parents=True, exist_ok=True)
