@@ -20,6 +20,7 @@ Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors; there the oper
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 
@@ -37,10 +38,29 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _full_configs() -> bool:
+    """``DAM_TRITON_CONFIGS=full``: the interpreter runs the GPU autotune list (prune hook
+    included), so CPU tests cover what only a GPU launch otherwise does."""
+    return os.environ.get("DAM_TRITON_CONFIGS", "") == "full"
+
+
 def _fwd_configs() -> list[triton.Config]:
-    if _interpret():  # one config (16x16 tiles, valid for every layout): no autotuning in CI
+    if _interpret() and not _full_configs():  # one config (16x16 tiles, valid for every layout)
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     return _gpu_fwd_configs()
+
+
+def _interpreter_bench(kernel_call, quantiles=None):
+    """The autotuner's timing under the interpreter: run the config once (so that every config is
+    launched and checked) and report it as equally fast (times there mean nothing)."""
+    kernel_call()
+    return [1.0, 1.0, 1.0] if quantiles else 1.0
+
+
+def _autotune_extra() -> dict:
+    if _interpret() and "do_bench" in inspect.signature(triton.autotune).parameters:
+        return {"do_bench": _interpreter_bench}
+    return {}
 
 
 def _gpu_fwd_configs() -> list[triton.Config]:
@@ -55,8 +75,12 @@ def _gpu_fwd_configs() -> list[triton.Config]:
 
 def _prune_fwd(configs, named_args, **kwargs):
     """Clamp tile shapes to the layout's blocks (powers of two, so a clamped tile divides the
-    block: a kernel tile never straddles two layout blocks) and drop duplicates."""
-    lm, ln = named_args["LAYOUT_M"], named_args["LAYOUT_N"]
+    block: a kernel tile never straddles two layout blocks) and drop duplicates.
+
+    Triton's autotuner passes the positional arguments as ``named_args`` and the keyword ones
+    (``LAYOUT_M``/``LAYOUT_N`` here) as ``kwargs``: both are read."""
+    args = {**named_args, **kwargs}
+    lm, ln = args["LAYOUT_M"], args["LAYOUT_N"]
     kept = []
     for c in configs:
         bm = min(c.kwargs["BLOCK_M"], lm)
@@ -74,6 +98,7 @@ def _prune_fwd(configs, named_args, **kwargs):
     configs=_fwd_configs(),
     key=["LAYOUT_M", "LAYOUT_N", "BLOCK_D", "CAUSAL", "IEEE"],
     prune_configs_by={"early_config_prune": _prune_fwd},
+    **_autotune_extra(),
 )
 @triton.jit
 def _block_sparse_fwd_kernel(
@@ -97,7 +122,8 @@ def _block_sparse_fwd_kernel(
     hk = h // group
     qb = (pid_m * BLOCK_M) // LAYOUT_M
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # int64 rows: row x stride passes 2^31 for [B, N, H, D] views at a few hundred K tokens
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Nq
     d_ok = offs_d < D

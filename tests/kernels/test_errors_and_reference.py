@@ -161,3 +161,8 @@ def test_autotune_pruning_keeps_tiles_inside_layout_blocks():
             assert bm <= lm and lm % bm == 0 and bn <= ln and ln % bn == 0
         keys = [(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in kept]
         assert len(keys) == len(set(keys))
+        # as Triton's autotuner calls it: positional args as named_args, the launcher's keyword
+        # arguments (LAYOUT_M/LAYOUT_N among them) as kwargs
+        as_called = _prune_fwd(_gpu_fwd_configs(), {"Q": None}, LAYOUT_M=lm, LAYOUT_N=ln, BLOCK_D=16)
+        assert [(c.kwargs, c.num_warps, c.num_stages) for c in as_called] == \
+            [(c.kwargs, c.num_warps, c.num_stages) for c in kept]
