@@ -8,8 +8,9 @@ Usage::
 
 GPU (CUDA present): ``triton.testing.do_bench`` medians, bf16, B=1, Hq=32, Hkv=8, D=128,
 128-blocks, N in {8K..128K} x density {5, 10, 20, 50, 100} %; decode at cache 32K and 128K.
-CPU: bf16 then fp32 (``--dtypes``), 2 threads; SmolLM2's shape (Hq/Hkv 9/3, D 64, 64-blocks) at
-N 4K-32K and densities 5-100 %, Llama-3-8B's (32/8, D 128, 128-blocks) at 8K across densities,
+CPU: bf16 then fp32 (``--dtypes``), 2 threads; "ours" is what ``block_sparse_attention`` runs
+once its compiled kernel is built (``dam.kernels.cpu_flex``), "ours_aten" the ATen path beside
+it; SmolLM2's shape (Hq/Hkv 9/3, D 64, 64-blocks) at N 4K-32K and densities 5-100 %, Llama-3-8B's (32/8, D 128, 128-blocks) at 8K across densities,
 128-blocks at SmolLM2's shape (:func:`cpu_cases`; ``--full``: the whole grid); decode at a 32K
 cache for both shapes; against causal SDPA and ``torch.compile``-d FlexAttention with a
 ``BlockMask`` built directly from the layout (``BlockMask.from_kv_blocks``: the diagonal blocks as partial blocks with a
@@ -35,7 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dam.kernels import BlockLayout, block_sparse_attention, block_sparse_decode
+from dam.kernels import BlockLayout, block_sparse_attention, block_sparse_decode, cpu_flex
+from dam.kernels.cpu import attention_cpu
 from dam.runtime.bench import run_facts
 
 log = logging.getLogger("bench_kernels")
@@ -164,11 +166,14 @@ def cpu_benchmark(quick: bool, threads: int, dtype: torch.dtype = torch.bfloat16
             mask = gqa_mask(hq, hkv, n // block, dens, gen)
         layout = BlockLayout.from_block_mask(mask, block, block)
         bmask = flex_block_mask(mask, block, q.device)
+        aten_out = torch.empty_like(q)
         fns = {
             "ours": partial(block_sparse_attention, q, k, v, layout, backend="cpu"),
+            "aten": partial(attention_cpu, q, k, v, layout, causal=True, scale=d ** -0.5, out=aten_out, lse=None),
             "flex": partial(flex, q, k, v, block_mask=bmask, enable_gqa=hq != hkv),
         }
-        first = {"ours": _first_call(fns["ours"])}
+        first = {"ours": _first_call(fns["ours"])}  # starts the compiled kernel's build (background)
+        cpu_flex.wait_for_builds()
         shape = (n, hq, hkv, d, block)
         if shape not in flex_compiled_for:
             first["flex"] = _first_call(fns["flex"])  # includes the compile for this shape
@@ -189,7 +194,9 @@ def cpu_benchmark(quick: bool, threads: int, dtype: torch.dtype = torch.bfloat16
         row = {
             "N": n, "density_target": dens, "density": round(ed, 4), "Hq": hq, "Hkv": hkv, "D": d,
             "block": block,
-            "sdpa_s": med["sdpa"], "ours_s": med["ours"], "flex_s": med["flex"],
+            "sdpa_s": med["sdpa"], "ours_s": med["ours"], "flex_s": med["flex"], "ours_aten_s": med["aten"],
+            "ours_kernel": "compiled flex" if cpu_flex.ready_for(q, k, layout) else "aten",
+            "ours_aten_over_sdpa_per_density": med["aten"] / med["sdpa"] / ed,
             "ours_first_call_s": first["ours"], "flex_first_call_s": first["flex"],
             "ours_over_sdpa": med["ours"] / med["sdpa"],
             "ours_over_sdpa_per_density": med["ours"] / med["sdpa"] / ed,
@@ -202,9 +209,10 @@ def cpu_benchmark(quick: bool, threads: int, dtype: torch.dtype = torch.bfloat16
         }
         rows.append(row)
         log.info(
-            "CPU N=%5d Hq/Hkv=%d/%d D=%d block=%d density=%.3f  sdpa %.4fs  ours %.4fs (%.2fx dens)"
-            "  flex %.4fs (%.2fx dens)  ours/flex %.2fx  first call: ours %.2fs flex %s  |diff| %.1e",
-            n, hq, hkv, d, block, ed, med["sdpa"], med["ours"], row["ours_over_sdpa_per_density"], med["flex"],
+            "CPU N=%5d Hq/Hkv=%d/%d D=%d block=%d density=%.3f  sdpa %.4fs  ours %.4fs (%.2fx dens; ATen path"
+            " %.4fs, %.2fx)  flex %.4fs (%.2fx dens)  ours/flex %.2fx  first call: ours %.2fs flex %s  |diff| %.1e",
+            n, hq, hkv, d, block, ed, med["sdpa"], med["ours"], row["ours_over_sdpa_per_density"], med["aten"],
+            row["ours_aten_over_sdpa_per_density"], med["flex"],
             row["flex_over_sdpa_per_density"], row["speedup_vs_flex"], first["ours"],
             "n/a" if first["flex"] is None else f"{first['flex']:.1f}s", err,
         )
@@ -236,6 +244,7 @@ def cpu_benchmark(quick: bool, threads: int, dtype: torch.dtype = torch.bfloat16
                  s, hq, hkv, d, kept, med["dense"], med["ours"], med["dense"] / med["ours"])
     return {"prefill": rows, "decode": decode, "config": {
         "dtype": str(dtype).replace("torch.", ""), "B": 1, "threads": threads, "rounds": rounds,
+        "cpu_flex_mode": cpu_flex.mode(), "cpu_flex_ready": cpu_flex.ready_signatures(),
         "grid": "full" if full else ("quick" if quick else "default"), "statistic": "median"}}
 
 

@@ -103,11 +103,13 @@ def block_sparse_attention(
         pass
     elif which == "cpu":
         from .cpu import attention_cpu
+        from .cpu_flex import try_attention
 
         if validate:
             layout.validate(nk)
-        attention_cpu(q, k, v, layout, causal=bool(causal), scale=scale, out=out,
-                      lse=lse_out if want_lse else None)
+        lse_want = lse_out if want_lse else None
+        if not try_attention(q, k, v, layout, causal=bool(causal), scale=scale, out=out, lse=lse_want):
+            attention_cpu(q, k, v, layout, causal=bool(causal), scale=scale, out=out, lse=lse_want)
     else:
         from .triton_kernels import attention_triton
 

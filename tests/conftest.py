@@ -2,6 +2,10 @@
 
 TRITON_INTERPRET must be set before any Triton kernel module is imported, so it is set here (the
 first thing pytest imports) whenever no CUDA device is present.
+
+The compiled FlexAttention CPU path (``dam.kernels.cpu_flex``) is off unless a test turns it on
+(``tests/kernels/test_cpu_flex.py``): elsewhere the tests pin the ATen path, and no test starts a
+background compiler build.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ except Exception:  # pragma: no cover
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["DAM_CPU_FLEX"] = "0"
 
 requires_cuda = pytest.mark.skipif(not _HAS_CUDA, reason="needs a CUDA GPU")
 

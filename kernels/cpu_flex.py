@@ -1,0 +1,227 @@
+"""CPU prefill through a compiled FlexAttention kernel (private), where one can be built.
+
+On this project's CPU (AMX-BF16), inductor's FlexAttention CPU template, given the layout as a
+``BlockMask``, reads each kept K/V block in place; the ATen path (:mod:`.cpu`) gathers the kept
+blocks into buffers and calls the fused flash kernel per row group, which costs about twice as
+much per kept block (issue 11's notes carry the figures). So causal block-sparse prefill on CPU
+tensors runs here once a kernel for its signature (dtype, heads, head dim, layout block sizes)
+is compiled, and on the ATen path until then:
+
+* nothing is compiled at install time; kernels are built on first use with
+  ``torch.compile(flex_attention, dynamic=True)`` (one build serves every sequence length) and
+  cached on disk by inductor;
+* a build runs in a background thread (``DAM_CPU_FLEX=background``, the default): the call that
+  starts it, and every call until it is ready, take the ATen path, so no call waits for a
+  compiler. ``DAM_CPU_FLEX=sync`` builds in the calling thread (tests, benchmarks);
+  ``DAM_CPU_FLEX=0`` turns the path off;
+* where no kernel can be built (no C++ compiler, an unsupported dtype or head dim, any error of
+  the build or of a call), the ATen path takes over for that signature, with one logged warning.
+
+The layout is translated per call: kept blocks that lie wholly at or below the causal boundary
+(and inside the keys) are *full* blocks, computed without a mask; the others (diagonal blocks,
+ragged tails) are *partial*, masked by ``q + (Nk - Nq) >= kv``. ``compute_q_blocks=False``: no
+backward structures are built.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from .layout import BlockLayout
+
+log = logging.getLogger(__name__)
+
+#: dtypes the FlexAttention CPU template takes
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def mode() -> str:
+    """``"background"`` (default), ``"sync"`` or ``"off"`` (``DAM_CPU_FLEX``)."""
+    v = os.environ.get("DAM_CPU_FLEX", "background").strip().lower()
+    if v in ("0", "off", "false", "no"):
+        return "off"
+    return "sync" if v == "sync" else "background"
+
+
+@dataclass
+class _Kernel:
+    """One signature's compiled kernel: its causal offset lives in ``offset`` (a tensor the
+    mask function closes over, so a new length is a new value, not a new function)."""
+
+    state: str = "new"  # new | building | ready | failed
+    offset: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def mask_mod(self):
+        off = self.offset
+
+        def causal(b, h, q_idx, kv_idx):
+            return q_idx + off >= kv_idx
+
+        return causal
+
+
+_KERNELS: dict[tuple, _Kernel] = {}
+_KERNELS_LOCK = threading.Lock()
+_COMPILED = None
+_WARNED: set[str] = set()
+
+
+def _compiled():
+    global _COMPILED
+    if _COMPILED is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _COMPILED = torch.compile(flex_attention, dynamic=True)
+    return _COMPILED
+
+
+def _warn_once(key: str, msg: str, *args) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(msg, *args)
+
+
+def _no_compiler() -> str | None:
+    """Why no kernel can be built on this machine (None: it can)."""
+    try:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - every supported torch has it
+        return f"torch has no FlexAttention ({exc})"
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None and shutil.which("c++") is None and shutil.which("clang++") is None:
+        return f"no C++ compiler ({cxx!r} not on PATH) for inductor's CPU kernels"
+    return None
+
+
+def _block_mask(layout: BlockLayout, nq: int, nk: int, kern: _Kernel):
+    """The layout as a BlockMask: full blocks (wholly visible) and partial ones (masked)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    bm, bn = layout.block_m, layout.block_n
+    nkb = -(-nk // bn)
+    idx = layout.kv_indices.long()
+    active = torch.arange(layout.max_blocks).view(1, 1, 1, -1) < layout.kv_counts.unsqueeze(-1).long()
+    q0 = (nk - nq) + torch.arange(layout.num_q_blocks).view(1, 1, -1, 1) * bm  # first query position
+    last_key = (idx + 1) * bn - 1
+    full = active & (last_key <= q0) & (last_key < nk)
+    part = active & ~full
+
+    def compact(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cnt = sel.sum(-1, dtype=torch.int32)
+        key = torch.where(sel, idx, idx.new_full((), nkb))  # kept first, ascending
+        srt = key.sort(-1).values
+        width = max(nkb, 1)
+        out = torch.zeros((*srt.shape[:3], width), dtype=torch.int32)
+        m = min(srt.shape[-1], width)
+        out[..., :m] = torch.where(srt[..., :m] >= nkb, 0, srt[..., :m]).to(torch.int32)
+        return cnt.contiguous(), out.contiguous()
+
+    pc, pi = compact(part)
+    fc, fi = compact(full)
+    kern.offset.fill_(nk - nq)
+    return BlockMask.from_kv_blocks(pc, pi, fc, fi, BLOCK_SIZE=(bm, bn), mask_mod=kern.mask_mod(),
+                                    seq_lengths=(nq, nk), compute_q_blocks=False)
+
+
+def _run(q, k, v, layout, scale, kern: _Kernel) -> torch.Tensor:
+    bmask = _block_mask(layout, q.shape[2], k.shape[2], kern)
+    with torch.no_grad():  # the CPU template is inference-only (and gives no LSE)
+        return _compiled()(q, k, v, block_mask=bmask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _signature(q, k, layout) -> tuple:
+    return (q.dtype, q.shape[1], k.shape[1], q.shape[3], layout.heads, layout.block_m, layout.block_n)
+
+
+def _build(sig: tuple, kern: _Kernel) -> None:
+    """Compile (and check) the kernel of ``sig`` on small inputs of its signature."""
+    dtype, hq, hkv, d, lh, bm, bn = sig
+    try:
+        n = 4 * max(bm, bn) + 3  # several blocks and a ragged tail: a general (dynamic) build
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(1, hq, n, d, generator=g).to(dtype)
+        k = torch.randn(1, hkv, n, d, generator=g).to(dtype)
+        v = torch.randn(1, hkv, n, d, generator=g).to(dtype)
+        nqb, nkb = -(-n // bm), -(-n // bn)
+        qa = torch.arange(nqb).view(-1, 1) * bm + bm - 1
+        mask = (torch.arange(nkb).view(1, -1) * bn <= qa).expand(1, lh, nqb, nkb)
+        lay = BlockLayout.from_block_mask(mask.contiguous(), bm, bn)
+        out = _run(q, k, v, lay, d ** -0.5, kern)
+        if not torch.isfinite(out).all():
+            raise RuntimeError("the built kernel gave non-finite values on a dense causal check")
+        kern.state = "ready"
+    except Exception as exc:  # noqa: BLE001 - any failure: the ATen path takes over
+        kern.state = "failed"
+        _warn_once(f"build{sig}", "dam.kernels: no compiled FlexAttention CPU kernel for %s (%s: %s); "
+                   "using the ATen path", _describe(sig), type(exc).__name__, exc)
+
+
+def _describe(sig: tuple) -> str:
+    dtype, hq, hkv, d, lh, bm, bn = sig
+    return f"{str(dtype).replace('torch.', '')} Hq={hq} Hkv={hkv} D={d} layout heads={lh} blocks {bm}x{bn}"
+
+
+def try_attention(q, k, v, layout: BlockLayout, *, causal: bool, scale: float, out: torch.Tensor,
+                  lse: torch.Tensor | None) -> bool:
+    """Run causal prefill through the compiled kernel into ``out`` when its signature has one
+    ready (True); otherwise start a build if none was tried and return False (the caller takes
+    the ATen path). Calls that want the LSE or a gradient take the ATen path (the CPU template
+    gives neither)."""
+    m = mode()
+    if m == "off" or not causal or lse is not None or q.dtype not in _DTYPES or q.shape[-1] != v.shape[-1] \
+            or q.shape[2] == 0 or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return False
+    if torch.compiler.is_compiling():  # inside someone's torch.compile: leave it to the ATen path
+        return False
+    why = _no_compiler()
+    if why is not None:
+        _warn_once("nocompiler", "dam.kernels: %s; the CPU path uses ATen kernels", why)
+        return False
+    sig = _signature(q, k, layout)
+    with _KERNELS_LOCK:
+        kern = _KERNELS.setdefault(sig, _Kernel())
+        start = kern.state == "new"
+        if start:
+            kern.state = "building"
+    if start:
+        if m == "sync":
+            _build(sig, kern)
+        else:
+            threading.Thread(target=_build, args=(sig, kern), name="dam-flex-build", daemon=True).start()
+    if kern.state != "ready":
+        return False
+    try:
+        with kern.lock:  # the offset tensor is per kernel: one call at a time per signature
+            o = _run(q, k, v, layout, scale, kern)
+    except Exception as exc:  # noqa: BLE001 - a failing call: ATen from now on for this signature
+        kern.state = "failed"
+        _warn_once(f"call{sig}", "dam.kernels: the compiled FlexAttention CPU kernel failed for %s (%s: %s); "
+                   "using the ATen path", _describe(sig), type(exc).__name__, exc)
+        return False
+    out.copy_(o)
+    return True
+
+
+def wait_for_builds(timeout: float | None = None) -> None:
+    """Block until every started build has finished (benchmarks and tests)."""
+    for t in threading.enumerate():
+        if t.name == "dam-flex-build":
+            t.join(timeout)
+
+
+def ready_for(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout) -> bool:
+    """Whether calls shaped like these run the compiled kernel now."""
+    kern = _KERNELS.get(_signature(q, k, layout))
+    return kern is not None and kern.state == "ready"
+
+
+def ready_signatures() -> list[str]:
+    """The signatures with a ready kernel, described (for logs and benchmark records)."""
+    return [_describe(s) for s, k in _KERNELS.items() if k.state == "ready"]
