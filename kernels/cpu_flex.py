@@ -12,7 +12,8 @@ is compiled, and on the ATen path until then:
   cached on disk by inductor;
 * a build runs in a background thread (``DAM_CPU_FLEX=background``, the default): the call that
   starts it, and every call until it is ready, take the ATen path, so no call waits for a
-  compiler. ``DAM_CPU_FLEX=sync`` builds in the calling thread (tests, benchmarks);
+  compiler (a process that ends during a build waits for it at exit). Only calls over at least
+  :data:`BUILD_FROM_KEYS` keys start a build. ``DAM_CPU_FLEX=sync`` builds in the calling thread;
   ``DAM_CPU_FLEX=0`` turns the path off;
 * where no kernel can be built (no C++ compiler, an unsupported dtype or head dim, any error of
   the build or of a call), the ATen path takes over for that signature, with one logged warning.
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 
 #: dtypes the FlexAttention CPU template takes
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: a call with fewer keys never starts a build (it uses a kernel already built): short prompts,
+#: where the kernel matters little, do not pay for a compiler run
+BUILD_FROM_KEYS = 4096
 
 
 def mode() -> str:
@@ -159,6 +163,8 @@ def _build(sig: tuple, kern: _Kernel) -> None:
         kern.state = "ready"
     except Exception as exc:  # noqa: BLE001 - any failure: the ATen path takes over
         kern.state = "failed"
+        if not threading.main_thread().is_alive():  # the process is ending: nothing to tell
+            return
         _warn_once(f"build{sig}", "dam.kernels: no compiled FlexAttention CPU kernel for %s (%s: %s); "
                    "using the ATen path", _describe(sig), type(exc).__name__, exc)
 
@@ -186,15 +192,17 @@ def try_attention(q, k, v, layout: BlockLayout, *, causal: bool, scale: float, o
         return False
     sig = _signature(q, k, layout)
     with _KERNELS_LOCK:
-        kern = _KERNELS.setdefault(sig, _Kernel())
-        start = kern.state == "new"
+        kern = _KERNELS.get(sig)
+        start = kern is None and k.shape[2] >= BUILD_FROM_KEYS
         if start:
-            kern.state = "building"
+            kern = _KERNELS[sig] = _Kernel(state="building")
+    if kern is None:
+        return False
     if start:
         if m == "sync":
             _build(sig, kern)
-        else:
-            threading.Thread(target=_build, args=(sig, kern), name="dam-flex-build", daemon=True).start()
+        else:  # not a daemon: a process that ends during a build waits for it (never kills it)
+            threading.Thread(target=_build, args=(sig, kern), name="dam-flex-build", daemon=False).start()
     if kern.state != "ready":
         return False
     try:

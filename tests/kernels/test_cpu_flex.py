@@ -32,6 +32,11 @@ def _tol(dtype):
     return dict(rtol=0, atol=4 * eps if dtype != torch.float32 else 1e-5)
 
 
+@pytest.fixture(autouse=True)
+def _small_calls_build(monkeypatch):
+    monkeypatch.setattr(cpu_flex, "BUILD_FROM_KEYS", 1)
+
+
 @pytest.fixture
 def sync(monkeypatch):
     monkeypatch.setenv("DAM_CPU_FLEX", "sync")
@@ -120,6 +125,18 @@ def test_no_compiler_means_aten_and_one_warning(monkeypatch, caplog):
         block_sparse_attention(q, k, v, lay, backend="cpu")
         block_sparse_attention(q, k, v, lay, backend="cpu")
     assert sum("C++ compiler" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_short_calls_start_no_build(monkeypatch):
+    monkeypatch.setenv("DAM_CPU_FLEX", "sync")
+    monkeypatch.setattr(cpu_flex, "_KERNELS", {})
+    monkeypatch.setattr(cpu_flex, "BUILD_FROM_KEYS", 10_000)
+    monkeypatch.setattr(cpu_flex, "_build", lambda *a: pytest.fail("a short call started a build"))
+    q, k, v, lay = _case(*CASES[0])
+    ref = attention_reference(q.double(), k.double(), v.double(), lay, causal=True)[0]
+    torch.testing.assert_close(block_sparse_attention(q, k, v, lay, backend="cpu").double(), ref,
+                               **_tol(torch.float32))
+    assert not cpu_flex._KERNELS
 
 
 def test_mode_switch(monkeypatch):
