@@ -20,7 +20,7 @@ from .common import one_line_errors, parse_lengths
 @click.option("--min-length", default=1024, show_default=True, type=click.IntRange(min=1),
               help="Calls attending fewer keys use dense SDPA (as in serving).")
 @click.option("--decode", type=click.Choice(["auto", "sparse", "dense"]), default="auto", show_default=True,
-              help="DAM's decode steps: block-sparse, dense SDPA, or auto (dense on the CPU, sparse on a GPU).")
+              help="DAM's decode steps: block-sparse, dense SDPA, or auto (where measured faster: on the CPU sparse only for layers without dynamic heads at caches of 24K+; sparse on a GPU).")
 @click.option("--last-query", default=None, type=click.FloatRange(0.0, 1.0),
               help="DAM's last-query estimate budget per non-dense head, a fraction of causal blocks "
                    "(default: the artifact's; 0: off).")

@@ -61,6 +61,7 @@ class _Kernel:
     state: str = "new"  # new | building | ready | failed
     offset: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
     lock: threading.Lock = field(default_factory=threading.Lock)
+    fn: object = None  # the compiled call (its own code object)
 
     def mask_mod(self):
         off = self.offset
@@ -73,17 +74,23 @@ class _Kernel:
 
 _KERNELS: dict[tuple, _Kernel] = {}
 _KERNELS_LOCK = threading.Lock()
-_COMPILED = None
 _WARNED: set[str] = set()
+_CALL_SRC = """
+def dam_flex_call(q, k, v, block_mask, scale, enable_gqa):
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+"""
 
 
 def _compiled():
-    global _COMPILED
-    if _COMPILED is None:
-        from torch.nn.attention.flex_attention import flex_attention
+    """A compiled FlexAttention call with a code object of its own (one per kernel): dynamo keys
+    its cache and its recompile limit on the code object, so neither a caller's own compiled
+    ``flex_attention`` nor DAM's other signatures share or exhaust this one's (past the limit,
+    dynamo would fall back to the unfused implementation, which materialises every score)."""
+    from torch.nn.attention.flex_attention import flex_attention
 
-        _COMPILED = torch.compile(flex_attention, dynamic=True)
-    return _COMPILED
+    ns = {"flex_attention": flex_attention}
+    exec(_CALL_SRC, ns)  # noqa: S102 - a fixed source: a fresh code object per kernel
+    return torch.compile(ns["dam_flex_call"], dynamic=True)
 
 
 def _warn_once(key: str, msg: str, *args) -> None:
@@ -136,8 +143,10 @@ def _block_mask(layout: BlockLayout, nq: int, nk: int, kern: _Kernel):
 
 def _run(q, k, v, layout, scale, kern: _Kernel) -> torch.Tensor:
     bmask = _block_mask(layout, q.shape[2], k.shape[2], kern)
+    if kern.fn is None:
+        kern.fn = _compiled()
     with torch.no_grad():  # the CPU template is inference-only (and gives no LSE)
-        return _compiled()(q, k, v, block_mask=bmask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        return kern.fn(q, k, v, bmask, float(scale), q.shape[1] != k.shape[1])
 
 
 def _signature(q, k, layout) -> tuple:
