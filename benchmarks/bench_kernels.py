@@ -153,6 +153,9 @@ def cpu_benchmark(quick: bool, threads: int, dtype: torch.dtype = torch.bfloat16
     from torch.nn.attention.flex_attention import flex_attention
 
     gen = torch.Generator().manual_seed(0)
+    # one static compile per shape and dtype: more than dynamo's default recompile limit (8) over
+    # the grid, past which it would fall back to the unfused (score-materialising) flex
+    torch._dynamo.config.recompile_limit = 256
     flex = torch.compile(flex_attention, dynamic=False)
     rounds = 3 if quick else 5
     rows, sdpa_cache, flex_compiled_for = [], {}, set()

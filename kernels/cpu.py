@@ -393,7 +393,7 @@ def _run_groups(sig, rows, gidx, qrows, kp, vp, out_rows, lse_rows, *, bm, bn, g
 
 
 _SCRATCH = threading.local()
-_SCRATCH_KEEP = 256 << 20  # bytes a thread keeps between calls, per buffer
+_SCRATCH_KEEP = 64 << 20  # bytes a thread keeps between calls, per buffer
 
 
 def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

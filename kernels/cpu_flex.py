@@ -3,7 +3,7 @@
 On this project's CPU (AMX-BF16), inductor's FlexAttention CPU template, given the layout as a
 ``BlockMask``, reads each kept K/V block in place; the ATen path (:mod:`.cpu`) gathers the kept
 blocks into buffers and calls the fused flash kernel per row group, which costs about twice as
-much per kept block (issue 11's notes carry the figures). So causal block-sparse prefill on CPU
+much per kept block (issue 11's notes carry the figures). So causal block-sparse bf16 prefill on CPU
 tensors runs here once a kernel for its signature (dtype, heads, head dim, layout block sizes)
 is compiled, and on the ATen path until then:
 
@@ -38,8 +38,9 @@ from .layout import BlockLayout
 
 log = logging.getLogger(__name__)
 
-#: dtypes the FlexAttention CPU template takes
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: dtypes that take this path: where it measured faster than the ATen path (bf16; in fp32 the
+#: ATen path was as fast or faster: benchmarks/results/kernels_cpu_*.json)
+_DTYPES = (torch.bfloat16,)
 #: a call with fewer keys never starts a build (it uses a kernel already built): short prompts,
 #: where the kernel matters little, do not pay for a compiler run
 BUILD_FROM_KEYS = 4096
