@@ -42,7 +42,6 @@ def capture(model, artifact, ids) -> dict[int, tuple]:
 
     caps: dict[int, tuple] = {}
     with dam.runtime.apply(model, artifact, dense_above=1.0) as h:
-        orig = h._attend
 
         def keep(layer, q, k, v, mask, scaling, sliding_window):
             caps[layer] = (q.clone(), k.clone(), v.clone(), float(scaling))

@@ -271,7 +271,7 @@ def _effective_density(model, artifact, config: BenchConfig, ids: torch.Tensor) 
     plan_s = [0.0]
     seen: dict[int, float] = {}
     try:
-        thr = h.config.dense_threshold(dev, dtype)
+        thr = h.config.dense_threshold(dev, dtype, n)
         dense = {layer for layer in range(L) if h._all_dense[layer] or n < h.config.min_length
                  or h.planner(layer, dev).density_bound(n, n) > thr}
         wrapped: set[int] = set()

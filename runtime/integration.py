@@ -45,14 +45,33 @@ log = logging.getLogger(__name__)
 
 IMPL = "dam"
 DECODE_MODES = ("auto", "sparse", "dense")
-#: (device type, dtype or None for any) -> block density above which sparse prefill loses to dense
-#: SDPA, planning included (CPU bf16: benchmarks/results/bench_smollm2_bf16_cpu.json; CPU fp32: the
-#: session-3 8K bench, bench_smollm2_8k_cpu.json; elsewhere not measured: never dense)
-DENSE_ABOVE: dict[tuple[str, torch.dtype | None], float] = {
-    ("cpu", torch.bfloat16): 0.3,
-    ("cpu", torch.float16): 0.3,
+#: (device type, dtype or None for any) -> the planned density bound above which sparse prefill
+#: loses to dense SDPA, planning included: a number, or ``(kv_len, bound)`` points interpolated in
+#: log2(kv_len) and held past the ends. CPU bf16: per-layer break-evens of the SmolLM2 artifact
+#: (benchmarks/bench_dense_rule.py, benchmarks/results/dense_rule_smollm2-135m_bfloat16.json);
+#: fp16 takes bf16's (not measured apart); CPU fp32: the session-3 8K bench
+#: (bench_smollm2_8k_cpu.json); elsewhere not measured: never dense.
+DENSE_ABOVE: dict[tuple[str, torch.dtype | None], float | tuple[tuple[int, float], ...]] = {
+    ("cpu", torch.bfloat16): ((4096, 0.10), (8192, 0.25), (16384, 0.35)),
+    ("cpu", torch.float16): ((4096, 0.10), (8192, 0.25), (16384, 0.35)),
     ("cpu", None): 0.7,
 }
+
+
+def _threshold_at(rule: float | tuple[tuple[int, float], ...], kv_len: int | None) -> float:
+    """A :data:`DENSE_ABOVE` value at ``kv_len`` (None: the longest point's)."""
+    if isinstance(rule, (int, float)):
+        return float(rule)
+    pts = sorted(rule)
+    if kv_len is None or kv_len >= pts[-1][0]:
+        return float(pts[-1][1])
+    if kv_len <= pts[0][0]:
+        return float(pts[0][1])
+    for (n0, b0), (n1, b1) in zip(pts, pts[1:], strict=False):
+        if n0 <= kv_len <= n1:
+            t = (math.log2(kv_len) - math.log2(n0)) / (math.log2(n1) - math.log2(n0))
+            return float(b0 + t * (b1 - b0))
+    raise AssertionError("unreachable")  # pragma: no cover
 
 #: device type -> cache length from which ``decode="auto"`` runs a decode step block-sparse, for
 #: layers with no dynamic heads (a dynamic head scores every key of the cache each step, as many
@@ -86,7 +105,7 @@ class RuntimeConfig:
         dense_above: a prefill call whose planned block density can exceed this (the planner's
             bound, :meth:`Planner.density_bound`, known before any tensor is read) runs dense SDPA
             instead, unplanned: sparse would be slower there. ``None``: the measured break-even
-            of the device and dtype (:data:`DENSE_ABOVE`); 1.0: never.
+            of the device, dtype and length (:data:`DENSE_ABOVE`); 1.0: never.
     """
 
     backend: str = "auto"
@@ -123,11 +142,13 @@ class RuntimeConfig:
         if da is not None and (isinstance(da, bool) or not isinstance(da, (int, float)) or not 0.0 < da <= 1.0):
             raise DamRuntimeError(f"dense_above must be a density in (0, 1] or None, got {da!r}")
 
-    def dense_threshold(self, device: torch.device, dtype: torch.dtype) -> float:
-        """The block density above which a prefill call runs dense (see ``dense_above``)."""
+    def dense_threshold(self, device: torch.device, dtype: torch.dtype, kv_len: int | None = None) -> float:
+        """The density bound above which a prefill call over ``kv_len`` keys runs dense (see
+        ``dense_above``)."""
         if self.dense_above is not None:
             return float(self.dense_above)
-        return DENSE_ABOVE.get((device.type, dtype), DENSE_ABOVE.get((device.type, None), 1.0))
+        rule = DENSE_ABOVE.get((device.type, dtype), DENSE_ABOVE.get((device.type, None), 1.0))
+        return _threshold_at(rule, kv_len)
 
     def resolve_last_query(self, artifact: Artifact) -> tuple[float, int]:
         """``(fraction, queries)``: this config's values, else the artifact's runtime defaults."""
@@ -349,7 +370,7 @@ class DamHandle:
             return _kernels.dense_attention(q, k, v, scale=scale)
         planner = self.planner(layer, q.device)
         if self.layout_hook is None and N > 1 and \
-                planner.density_bound(N, Nk) > self.config.dense_threshold(q.device, q.dtype):
+                planner.density_bound(N, Nk) > self.config.dense_threshold(q.device, q.dtype, Nk):
             return _kernels.dense_attention(q, k, v, scale=scale)
         layout = planner.plan(N, Nk, q, k, scale=scale)
         if self.layout_hook is not None:
@@ -405,8 +426,8 @@ class DamHandle:
         if self._all_dense[layer]:
             return [True] * len(lq)
         planner = self.planner(layer, q.device)
-        thr = self.config.dense_threshold(q.device, q.dtype)
-        return [d or nq == 0 or (nq > 1 and planner.density_bound(nq, nk) > thr)
+        cfg = self.config
+        return [d or nq == 0 or (nq > 1 and planner.density_bound(nq, nk) > cfg.dense_threshold(q.device, q.dtype, nk))
                 for d, nq, nk in zip(dense_rows, lq, lk, strict=True)]
 
     def _per_row(self, layer, q, k, v, valid_k, valid_q, scale, sliding_window) -> torch.Tensor:

@@ -178,12 +178,18 @@ def test_dense_rule_runs_dense_above_the_threshold_unplanned(monkeypatch):
 
 
 def test_dense_rule_default_threshold_by_device_and_dtype():
-    from dam.runtime.integration import DENSE_ABOVE
+    from dam.runtime.integration import DENSE_ABOVE, _threshold_at
 
     cfg = RuntimeConfig()
     cpu = torch.device("cpu")
-    assert cfg.dense_threshold(cpu, torch.bfloat16) == DENSE_ABOVE[("cpu", torch.bfloat16)]
-    assert cfg.dense_threshold(cpu, torch.float32) == DENSE_ABOVE[("cpu", None)]
+    for n in (1024, 4096, 6000, 8192, 20000, None):
+        assert cfg.dense_threshold(cpu, torch.bfloat16, n) == _threshold_at(DENSE_ABOVE[("cpu", torch.bfloat16)], n)
+    assert cfg.dense_threshold(cpu, torch.float32, 8192) == _threshold_at(DENSE_ABOVE[("cpu", None)], 8192)
+    # points: held past the ends, interpolated in log2(length) between them
+    pts = ((4096, 0.1), (16384, 0.3))
+    assert _threshold_at(pts, 1000) == 0.1 and _threshold_at(pts, 10 ** 6) == 0.3 and _threshold_at(pts, None) == 0.3
+    assert _threshold_at(pts, 8192) == pytest.approx(0.2)
+    assert _threshold_at(0.7, 123) == 0.7
     assert RuntimeConfig(dense_above=0.25).dense_threshold(cpu, torch.bfloat16) == 0.25
     for bad in (0.0, 1.5, True, "0.5"):
         with pytest.raises(Exception, match="dense_above"):
