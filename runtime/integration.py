@@ -49,12 +49,13 @@ DECODE_MODES = ("auto", "sparse", "dense")
 #: loses to dense SDPA, planning included: a number, or ``(kv_len, bound)`` points interpolated in
 #: log2(kv_len) and held past the ends. CPU bf16: per-layer break-evens of the SmolLM2 artifact
 #: (benchmarks/bench_dense_rule.py, benchmarks/results/dense_rule_smollm2-135m_bfloat16.json);
-#: fp16 takes bf16's (not measured apart); CPU fp32: the session-3 8K bench
-#: (bench_smollm2_8k_cpu.json); elsewhere not measured: never dense.
+#: fp16 takes bf16's (not measured apart); CPU fp32 the same way
+#: (dense_rule_smollm2-135m_float32.json: sparse lost at every density up to 4K); elsewhere not
+#: measured: never dense.
 DENSE_ABOVE: dict[tuple[str, torch.dtype | None], float | tuple[tuple[int, float], ...]] = {
     ("cpu", torch.bfloat16): ((4096, 0.095), (8192, 0.245), (16384, 0.233)),
     ("cpu", torch.float16): ((4096, 0.095), (8192, 0.245), (16384, 0.233)),
-    ("cpu", None): 0.7,
+    ("cpu", None): ((4096, 0.0), (8192, 0.215)),
 }
 
 
