@@ -3,7 +3,7 @@
 On this project's CPU (AMX-BF16), inductor's FlexAttention CPU template, given the layout as a
 ``BlockMask``, reads each kept K/V block in place; the ATen path (:mod:`.cpu`) gathers the kept
 blocks into buffers and calls the fused flash kernel per row group, which costs about twice as
-much per kept block (issue 11's notes carry the figures). So causal block-sparse bf16 prefill on CPU
+much per kept block (``benchmarks/results/kernels_cpu_bfloat16.json``). So causal block-sparse bf16 prefill on CPU
 tensors runs here once a kernel for its signature (dtype, heads, head dim, layout block sizes)
 is compiled, and on the ATen path until then:
 
@@ -100,8 +100,17 @@ def _warn_once(key: str, msg: str, *args) -> None:
         log.warning(msg, *args)
 
 
+_NO_COMPILER: list[str | None] = []  # memo of _no_compiler (one check per process)
+
+
 def _no_compiler() -> str | None:
-    """Why no kernel can be built on this machine (None: it can)."""
+    """Why no kernel can be built on this machine (None: it can); checked once per process."""
+    if not _NO_COMPILER:
+        _NO_COMPILER.append(_find_no_compiler())
+    return _NO_COMPILER[0]
+
+
+def _find_no_compiler() -> str | None:
     try:
         from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
     except ImportError as exc:  # pragma: no cover - every supported torch has it

@@ -52,9 +52,10 @@ DECODE_MODES = ("auto", "sparse", "dense")
 #: fp16 takes bf16's (not measured apart); CPU fp32 the same way
 #: (dense_rule_smollm2-135m_float32.json: sparse lost at every density up to 4K); elsewhere not
 #: measured: never dense.
+_CPU_16BIT_RULE = ((4096, 0.095), (8192, 0.245), (16384, 0.233))
 DENSE_ABOVE: dict[tuple[str, torch.dtype | None], float | tuple[tuple[int, float], ...]] = {
-    ("cpu", torch.bfloat16): ((4096, 0.095), (8192, 0.245), (16384, 0.233)),
-    ("cpu", torch.float16): ((4096, 0.095), (8192, 0.245), (16384, 0.233)),
+    ("cpu", torch.bfloat16): _CPU_16BIT_RULE,
+    ("cpu", torch.float16): _CPU_16BIT_RULE,
     ("cpu", None): ((4096, 0.0), (8192, 0.215)),
 }
 
@@ -370,8 +371,7 @@ class DamHandle:
         if self._all_dense[layer] and self.layout_hook is None:
             return _kernels.dense_attention(q, k, v, scale=scale)
         planner = self.planner(layer, q.device)
-        if self.layout_hook is None and N > 1 and \
-                planner.density_bound(N, Nk) > self.config.dense_threshold(q.device, q.dtype, Nk):
+        if self.layout_hook is None and N > 1 and self._over_break_even(planner, q, N, Nk):
             return _kernels.dense_attention(q, k, v, scale=scale)
         layout = planner.plan(N, Nk, q, k, scale=scale)
         if self.layout_hook is not None:
@@ -427,9 +427,12 @@ class DamHandle:
         if self._all_dense[layer]:
             return [True] * len(lq)
         planner = self.planner(layer, q.device)
-        cfg = self.config
-        return [d or nq == 0 or (nq > 1 and planner.density_bound(nq, nk) > cfg.dense_threshold(q.device, q.dtype, nk))
+        return [d or nq == 0 or (nq > 1 and self._over_break_even(planner, q, nq, nk))
                 for d, nq, nk in zip(dense_rows, lq, lk, strict=True)]
+
+    def _over_break_even(self, planner: Planner, q: torch.Tensor, q_len: int, kv_len: int) -> bool:
+        """The dense rule: the planned density bound of ``(q_len, kv_len)`` is above the break-even."""
+        return planner.density_bound(q_len, kv_len) > self.config.dense_threshold(q.device, q.dtype, kv_len)
 
     def _per_row(self, layer, q, k, v, valid_k, valid_q, scale, sliding_window) -> torch.Tensor:
         out = torch.zeros((*q.shape[:3], v.shape[-1]), dtype=q.dtype, device=q.device)
