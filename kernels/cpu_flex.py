@@ -44,6 +44,9 @@ _DTYPES = (torch.bfloat16,)
 #: a call with fewer keys never starts a build (it uses a kernel already built): short prompts,
 #: where the kernel matters little, do not pay for a compiler run
 BUILD_FROM_KEYS = 4096
+#: the name of every background build thread of DAM's compiled CPU kernels (this module's and
+#: :mod:`.scores`'): :func:`wait_for_builds` joins them
+BUILD_THREAD = "dam-flex-build"
 
 
 def mode() -> str:
@@ -221,7 +224,7 @@ def try_attention(q, k, v, layout: BlockLayout, *, causal: bool, scale: float, o
         if m == "sync":
             _build(sig, kern)
         else:  # not a daemon: a process that ends during a build waits for it (never kills it)
-            threading.Thread(target=_build, args=(sig, kern), name="dam-flex-build", daemon=False).start()
+            threading.Thread(target=_build, args=(sig, kern), name=BUILD_THREAD, daemon=False).start()
     if kern.state != "ready":
         return False
     try:
@@ -239,7 +242,7 @@ def try_attention(q, k, v, layout: BlockLayout, *, causal: bool, scale: float, o
 def wait_for_builds(timeout: float | None = None) -> None:
     """Block until every started build has finished (benchmarks and tests)."""
     for t in threading.enumerate():
-        if t.name == "dam-flex-build":
+        if t.name == BUILD_THREAD:
             t.join(timeout)
 
 
