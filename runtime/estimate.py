@@ -18,24 +18,29 @@ Per (row, head), with ``n = min(last_q, Nq)`` last queries at positions ``i_t``:
 * the top ``m`` elements become blocks exactly: a vertical ``j`` keeps KV block ``j // B`` for
   the query blocks whose last query is ``>= j``; a slash ``d`` keeps, for query block ``[i0, i1]``,
   the KV blocks overlapping ``[i0 - d, i1 - d]`` (one or two). Both are interval tests: a block
-  is covered when the best rank over its interval of verticals or of slashes is ``< m`` (range
-  minima, no loop over blocks);
+  is covered when the best score over its interval of verticals or of slashes is among the top
+  ``m`` (range maxima, no loop over blocks);
 * ``m`` is the largest count whose *new* blocks (not in the given mask) stay within
-  ``floor(fraction · causal blocks)``. Each block is covered from the best rank among its
-  elements on (a range minimum), so that ``m`` is one order statistic of those ranks over the
-  free blocks: one sort, vectorised over rows and heads, no search loop.
+  ``floor(fraction · causal blocks)``. Each block is covered from the best score among its
+  elements on, so that the cut is one order statistic of those block scores over the free
+  blocks: one selection (``kthvalue``), vectorised over rows and heads, no search loop and no
+  sort of the elements. Elements of exactly equal score are kept or dropped together.
 
-Cost: ``n · Nk · D`` multiply-adds per head (in the inputs' dtype) plus a few passes of
-``nQB · nKB`` and a sort of ``2 · Nk`` elements per head.
+The slash sums are a strided view of the softmax (laid right of ``n - 1`` zero columns, row
+``t`` starts ``t + 1`` elements further on), with no flip or skewed copy of it.
+
+Cost: ``n · Nk · D`` multiply-adds per head (in the inputs' dtype), a softmax over ``n · Nk``
+scores, and a few passes of ``nQB · nKB`` per head.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from .errors import DamRuntimeError
 
@@ -43,41 +48,23 @@ from .errors import DamRuntimeError
 SHARES = ("uniform", "adaptive")
 
 
-def head_scores(q: torch.Tensor, k: torch.Tensor, heads: Sequence[int], groups: int) -> torch.Tensor:
-    """``q · kᵀ`` of some query heads, float32 ``[Bt, He, c, Nk]``, computed in the inputs' dtype.
+def key_scores(k: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``k · colsᵀ`` per KV head, *key-major*: ``[Bt, Hkv, Nk, C]`` in the inputs' dtype.
 
     Args:
-        q: ``[Bt, Hkv, G * c, D]``: the ``c`` query rows of the ``G = groups`` query heads of each
-            KV head (head ``hkv * G + g`` is rows ``[g * c, (g + 1) * c)``); k: ``[Bt, Hkv, Nk, D]``.
-        heads: the query heads wanted (host ints, ascending).
+        k: ``[Bt, Hkv, Nk, D]``; cols: ``[Bt, Hkv, C, D]`` (query columns grouped by KV head).
 
-    One matmul per KV head group: k is never copied per query head or up-cast. On the CPU the
-    product is taken key-major (``linear(k, q)`` gives ``[Nk, G * c]``), which reads k as it
-    lies; the batched ``q @ kᵀ`` is several times slower there when k is not in the CPU's
-    caches (a long prompt's K; measured in bf16 and fp32, see issue 11's notes).
+    Keys on dim -2: k is read as it lies (no copy, no up-cast), and the reductions over keys
+    that follow run over contiguous rows of C. The batched ``q · kᵀ`` (query-major) is several
+    times slower on the CPU when k is not in its caches (a long prompt's K; issue 11's notes),
+    and its per-head transposes were the larger part of planning there.
     """
-    Bt, Hkv, M, D = q.shape
-    Nk, G = k.shape[2], int(groups)
-    c = M // G
-    heads = list(heads)
-    if q.device.type != "cpu":
-        s = torch.matmul(q, k.transpose(-1, -2)).view(Bt, Hkv * G, c, Nk)
-        if len(heads) != Hkv * G:
-            s = s.index_select(1, torch.tensor(heads, device=q.device))
-        return s.float()
-    out = torch.empty((Bt, len(heads), c, Nk), dtype=torch.float32, device=q.device)
-    for b in range(Bt):
-        last, rt = -1, None
-        for j, h in enumerate(heads):
-            if h // G != last:
-                last = h // G
-                rt = F.linear(k[b, last], q[b, last]).t().view(G, c, Nk)
-            out[b, j].copy_(rt[h % G])
-    return out
+    return torch.matmul(k, cols.transpose(-1, -2))
 
 
 def last_query_scores(
-    q: torch.Tensor, k: torch.Tensor, heads: Sequence[int] | torch.Tensor, last_q: int, scale: float
+    q: torch.Tensor, k: torch.Tensor, heads: Sequence[int] | torch.Tensor, last_q: int, scale: float,
+    max_elements: int = 1 << 24,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Element scores of the last queries: ``vert [Bt, He, Nk]`` and ``slash [Bt, He, Nk]`` (float32).
 
@@ -85,29 +72,44 @@ def last_query_scores(
         q: ``[Bt, Hq, Nq, D]``, the last ``Nq`` of ``Nk`` positions; k: ``[Bt, Hkv, Nk, D]``.
         heads: the query heads to score (GQA by index), distinct and ascending: host ints (a
             tensor is read on the host).
+        max_elements: KV heads are scored a few at a time, at most this many fp32 scores each.
     """
     Bt, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     n = min(int(last_q), Nq)
     heads = heads.tolist() if isinstance(heads, torch.Tensor) else list(heads)
-    # all query heads, grouped by KV head (no copy of k per query head), in the inputs' dtype
-    # (bf16 stays bf16: no up-cast copy of k), scores scaled in fp32
-    qs = q[:, :, Nq - n:].reshape(Bt, Hkv, G * n, D)
-    s = head_scores(qs, k, heads, G).mul_(scale)
-    # causal: only the last n keys can lie after a last query (query t sits at Nk - n + t)
-    tri = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)
-    s[..., Nk - n:].masked_fill_(tri, float("-inf"))
-    p = torch.softmax(s, -1)  # [Bt, He, n, Nk]
-    vert = p.sum(2)
-    # slash[d] = sum_t p[t, i_t - d] with i_t = Nk - n + t: flip the keys and skew the rows, so
-    # that row t starts at column n - 1 - t (a strided view, no gather)
-    He, W = p.shape[1], Nk + n
-    pf = torch.zeros((Bt, He, n, W), dtype=p.dtype, device=p.device)
-    pf[..., :Nk] = p.flip(-1)
-    skew = pf.as_strided((Bt, He, n, Nk), (He * n * W, n * W, W - 1, 1), n - 1)
-    slash = skew.sum(2)
-    return vert, slash
+    groups = sorted({h // G for h in heads})
+    cols = q[:, :, Nq - n:].reshape(Bt, Hkv, G * n, D)  # row g * n + t: query t of head hkv * G + g
+    # causal: key Nk - n + r lies after last query t when r > t
+    after = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)  # [t, r]
+    W = n - 1 + Nk
+    vert = torch.empty((Bt, Hkv, G, Nk), dtype=torch.float32, device=q.device)
+    slash = torch.empty_like(vert)
+    step = max(1, max_elements // max(1, Bt * G * n * W))
+    for c0 in range(0, len(groups), step):
+        sel = groups[c0:c0 + step]
+        g = torch.tensor(sel, device=q.device) if len(sel) != Hkv else None
+        kc = k if g is None else k.index_select(1, g)
+        qc = cols if g is None else cols.index_select(1, g)
+        # p [Bt, h, G * n, Nk] (query-major, a few queries: the product is small), right of
+        # n - 1 zero columns: slash[d] = sum_t p[t, i_t - d] is then a strided view of it (row t
+        # starts t + 1 elements further on), summed over contiguous rows
+        P = torch.empty((Bt, kc.shape[1], G * n, W), dtype=torch.float32, device=q.device)
+        P[..., :n - 1].zero_()
+        p = P[..., n - 1:]
+        p.copy_(torch.matmul(qc, kc.transpose(-1, -2))).mul_(scale)
+        p[..., Nk - n:].view(Bt, -1, G, n, n).masked_fill_(after, float("-inf"))
+        p.sub_(p.amax(-1, keepdim=True)).exp_()
+        p.div_(p.sum(-1, keepdim=True))  # softmax over the keys of each last query
+        st = P.stride()
+        # element (t, u) of head g: row g * n + t, column t + u, with u = Nk - 1 - d
+        diag = P.as_strided((Bt, P.shape[1], G, n, Nk), (st[0], st[1], n * W, W + 1, 1), P.storage_offset())
+        idx = slice(None) if g is None else g
+        vert[:, idx] = p.view(Bt, -1, G, n, Nk).sum(-2)
+        slash[:, idx] = diag.sum(-2).flip(-1)
+    hs = torch.tensor(heads, device=q.device)
+    return (vert.view(Bt, Hkv * G, Nk).index_select(1, hs), slash.view(Bt, Hkv * G, Nk).index_select(1, hs))
 
 
 def last_query_mask(
@@ -173,40 +175,35 @@ def select_blocks(
     Nq = int(q_len)
     nqb, nkb = -(-Nq // B), -(-Nk // B)
     dev = vert.device
-    # geometry of query block a (absolute positions [i0, i1]) against KV block b ([b0, b0 + B - 1])
-    a = torch.arange(nqb, device=dev)
-    i0 = (Nk - Nq + a * B)[:, None]
-    i1 = (Nk - Nq + torch.clamp((a + 1) * B, max=Nq) - 1)[:, None]
-    b0 = (torch.arange(nkb, device=dev) * B)[None, :]
-    v_lo, v_hi = b0.expand(nqb, nkb), torch.minimum(b0 + B - 1, i1)  # verticals j in the block, j <= i1
-    s_lo, s_hi = (i0 - b0 - B + 1).clamp(min=0).expand(nqb, nkb), (i1 - b0).expand(nqb, nkb)  # offsets d
-    causal = (b0 <= i1).expand(nqb, nkb)
+    causal, v_idx, s_idx = _geometry(Nq, Nk, B, dev)
     cur = current.expand(Bt, He, nqb, nkb)
     free = causal & ~cur  # blocks that would cost budget
     ncausal = causal_blocks(Nq, Nk, B)  # host arithmetic: no read of a tensor
-    budget: int | torch.Tensor = math.floor(fraction * ncausal)
+    budget: int | torch.Tensor = max(0, math.floor(fraction * ncausal))
     if share == "adaptive":
         kept = cur[:, :, -1].repeat_interleave(B, -1)[..., :Nk]  # [Bt, He, Nk]: last row's kept keys
         miss = (vert.sum(-1) - (vert * kept).sum(-1)).clamp(min=0)  # [Bt, He]
         w = miss / miss.mean(-1, keepdim=True).clamp(min=1e-12)
-        budget = torch.floor(fraction * ncausal * w).clamp(max=ncausal).to(torch.int64)
-    order = torch.cat([vert, slash], -1).argsort(-1, descending=True)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(2 * Nk, device=dev).expand_as(order))
-    # block (a, b) is covered by the top m elements iff the best rank among its verticals
-    # [v_lo, v_hi] or its slashes [s_lo, s_hi] is < m: tau[a, b] = that best rank (range minima
-    # from sparse tables). Then the blocks new for m are the free blocks with tau < m, and the
-    # largest m within budget is the (budget+1)-th smallest tau of the free blocks: one sort, no
-    # search loop.
-    big = 2 * Nk
-    span = min(Nk, 2 * B - 1)  # the longest range (a slash range spans a query block + B - 1)
-    tau = torch.minimum(_range_min(rank[..., :Nk], v_lo, v_hi, big, span),
-                        _range_min(rank[..., Nk:], s_lo, s_hi, big, span))
-    tau_free = torch.where(free, tau, torch.full_like(tau, big)).flatten(-2)  # [Bt, He, nqb * nkb]
-    srt = tau_free.sort(-1).values
-    k = torch.as_tensor(budget, device=dev).expand(Bt, He).clamp(min=0)
-    m = torch.where(k < srt.shape[-1], srt.gather(-1, k.clamp(max=srt.shape[-1] - 1).unsqueeze(-1)).squeeze(-1),
-                    torch.full_like(k, big))
-    return (tau < m[..., None, None]) & causal
+        budget = torch.floor(fraction * ncausal * w).clamp(min=0, max=ncausal).to(torch.int64)
+    # an element's "rank" is its negated score: block (a, b) is covered by the top m elements
+    # iff the best (least) one among its verticals [v_lo, v_hi] or its slashes [s_lo, s_hi] is
+    # among them: tau[a, b] = that least value (range minima from sparse tables). The blocks
+    # new for a prefix are then the free blocks with tau below its cut, and the longest prefix
+    # within budget cuts at the (budget+1)-th smallest tau of the free blocks: one selection, no
+    # search loop (no sort of the elements either: ties, which a rank would break, keep or drop
+    # together, never over budget)
+    inf = float("inf")
+    tau = torch.minimum(_range_min(vert.neg(), v_idx, inf), _range_min(slash.neg(), s_idx, inf))
+    tau_free = torch.where(free, tau, torch.full_like(tau, inf)).flatten(-2)  # [Bt, He, nqb * nkb]
+    L = tau_free.shape[-1]
+    if isinstance(budget, int):
+        cut = (tau_free.kthvalue(budget + 1, -1).values if budget < L
+               else torch.full(tau_free.shape[:-1], inf, device=dev))
+    else:
+        srt = tau_free.sort(-1).values
+        cut = torch.where(budget < L, srt.gather(-1, budget.clamp(max=L - 1).unsqueeze(-1)).squeeze(-1),
+                          torch.full(srt.shape[:-1], inf, device=dev))
+    return (tau < cut[..., None, None]) & causal
 
 
 def causal_blocks(q_len: int, kv_len: int, block_size: int) -> int:
@@ -216,31 +213,62 @@ def causal_blocks(q_len: int, kv_len: int, block_size: int) -> int:
     return sum((off + min((a + 1) * B, q_len) - 1) // B + 1 for a in range(-(-int(q_len) // B)))
 
 
-def _range_min(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, empty: int, max_len: int) -> torch.Tensor:
-    """``min(x[..., lo:hi + 1])`` for every range: ``x`` int64 ``[..., N]``, ``lo``/``hi`` int64
-    ``[nqb, nkb]`` (``empty`` where ``lo > hi`` after clamping to ``[0, N - 1]``), no range longer
-    than ``max_len`` (host int) -> ``[..., nqb, nkb]``. A sparse table of minima over
-    power-of-two spans, two gathers per range."""
-    N = x.shape[-1]
+class _Ranges(NamedTuple):
+    """Index plan of :func:`_range_min` for fixed ranges (length-only, cached)."""
+
+    levels: int
+    i1: torch.Tensor  # flat indices into the stacked tables, [nqb * nkb]
+    i2: torch.Tensor
+    ok: torch.Tensor  # bool [nqb, nkb]: the range is not empty
+
+
+@functools.lru_cache(maxsize=32)
+def _geometry(Nq: int, Nk: int, B: int, dev: torch.device) -> tuple[torch.Tensor, _Ranges, _Ranges]:
+    """Length-only geometry of :func:`select_blocks` (cached; never written to): the causal
+    blocks and the element ranges of every block (query block a, absolute positions [i0, i1],
+    against KV block b, keys [b0, b0 + B - 1])."""
+    nqb, nkb = -(-Nq // B), -(-Nk // B)
+    a = torch.arange(nqb, device=dev)
+    i0 = (Nk - Nq + a * B)[:, None]
+    i1 = (Nk - Nq + torch.clamp((a + 1) * B, max=Nq) - 1)[:, None]
+    b0 = (torch.arange(nkb, device=dev) * B)[None, :]
+    v_lo, v_hi = b0.expand(nqb, nkb), torch.minimum(b0 + B - 1, i1)  # verticals j in the block, j <= i1
+    s_lo, s_hi = (i0 - b0 - B + 1).clamp(min=0).expand(nqb, nkb), (i1 - b0).expand(nqb, nkb)  # offsets d
+    span = min(Nk, 2 * B - 1)  # the longest range (a slash range spans a query block + B - 1)
+    return ((b0 <= i1).expand(nqb, nkb).contiguous(), _range_index(v_lo, v_hi, Nk, span),
+            _range_index(s_lo, s_hi, Nk, span))
+
+
+def _range_index(lo: torch.Tensor, hi: torch.Tensor, N: int, max_len: int) -> _Ranges:
+    """The gathers of a sparse table of minima over power-of-two spans for ranges ``[lo, hi]``
+    (int64 ``[nqb, nkb]``, clamped to ``[0, N - 1]``; empty where ``lo > hi``), none longer than
+    ``max_len``."""
     lo_c, hi_c = lo.clamp(min=0), hi.clamp(max=N - 1)
     ok = lo_c <= hi_c
     length = (hi_c - lo_c + 1).clamp(min=1)
     levels = max(1, min(N, max_len).bit_length())  # tables[j]: minima over spans of 2 ** j
     lev = sum((length >= (1 << j)).long() for j in range(1, levels))  # floor(log2(length))
+    base = lev * N
+    i1 = (base + lo_c.clamp(max=N - 1)).reshape(-1)
+    i2 = (base + (hi_c - (1 << lev) + 1).clamp(min=0, max=N - 1)).reshape(-1)
+    return _Ranges(levels, i1, i2, ok.contiguous())
+
+
+def _range_min(x: torch.Tensor, r: _Ranges, empty: float) -> torch.Tensor:
+    """``min(x[..., lo:hi + 1])`` for every range of ``r`` (:func:`_range_index`): ``x`` ``[..., N]``
+    -> ``[..., nqb, nkb]``, ``empty`` where a range is empty. Two gathers per range."""
+    N = x.shape[-1]
     tables = [x]
-    for j in range(1, levels):
+    for j in range(1, r.levels):
         prev, span = tables[-1], 1 << (j - 1)
         nxt = prev.clone()
         nxt[..., : N - span] = torch.minimum(prev[..., : N - span], prev[..., span:])
         tables.append(nxt)
     st = torch.stack(tables, -2).flatten(-2)  # [..., levels * N]
-    base = lev * N
-    i1 = (base + lo_c.clamp(max=N - 1)).reshape(-1)
-    i2 = (base + (hi_c - (1 << lev) + 1).clamp(min=0, max=N - 1)).reshape(-1)
-    flat = (*x.shape[:-1], i1.numel())
-    r = torch.minimum(torch.gather(st, -1, i1.expand(flat)), torch.gather(st, -1, i2.expand(flat)))
-    r = r.view(*x.shape[:-1], *lo.shape)
-    return torch.where(ok, r, torch.full_like(r, empty))
+    flat = (*x.shape[:-1], r.i1.numel())
+    out = torch.minimum(torch.gather(st, -1, r.i1.expand(flat)), torch.gather(st, -1, r.i2.expand(flat)))
+    out = out.view(*x.shape[:-1], *r.ok.shape)
+    return out.masked_fill_(~r.ok, empty)
 
 
-__all__ = ["SHARES", "causal_blocks", "head_scores", "last_query_mask", "last_query_scores", "select_blocks"]
+__all__ = ["SHARES", "causal_blocks", "key_scores", "last_query_mask", "last_query_scores", "select_blocks"]

@@ -42,9 +42,10 @@ import torch
 
 from dam.compiler import MaskProgram
 from dam.kernels import BlockLayout
+from dam.kernels.scores import block_logsumexp
 
 from .errors import DamRuntimeError
-from .estimate import SHARES, causal_blocks, head_scores, last_query_mask
+from .estimate import SHARES, causal_blocks, key_scores, last_query_mask
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -212,7 +213,7 @@ def dynamic_indices(
     kv_lens: torch.Tensor | None,
     block_size: int,
     scale: float | None = None,
-    max_elements: int = 1 << 20,
+    max_elements: int = 1 << 22,
 ) -> torch.Tensor:
     """The chosen dynamic blocks: int64 ``[Bt, Hd, nqb, kmax]``, ``-1`` where none.
 
@@ -224,9 +225,10 @@ def dynamic_indices(
     mean-pooled key matters: a block whose mass sits on one or two tokens (content-placed
     attention sinks) has an unremarkable mean key; measured on SmolLM2-135M (2K prose, layers
     4 and 7, 10 % budget) the mean-pooled score reached 0.577 / 0.546 recall where a mass-ranked
-    oracle reaches 0.663 / 0.619 and this score 0.660 / 0.616. Cost: ``Hd * nqb * Nk * D``
-    multiply-adds per call (1/B of dense attention for those heads), in query-block chunks of at
-    most ``max_elements`` scores.
+    oracle reaches 0.663 / 0.619 and this score 0.660 / 0.616. Cost: about ``Hd * nqb * Nk * D
+    / 2`` multiply-adds per call (a query block scores only the keys it can see; 1/(2B) of dense
+    attention for those heads) and one :func:`dam.kernels.scores.block_logsumexp` over those
+    scores, in query-block chunks of at most ``max_elements`` scores.
 
     Args:
         q: ``[Bt, Hq, Nq, D]`` (row ``b``'s queries are rows ``[0, q_lens[b])``).
@@ -234,42 +236,54 @@ def dynamic_indices(
         scale: softmax scale (default ``D ** -0.5``).
     """
     B = block_size
-    Bt, Hq, Nk, D = k.shape[0], q.shape[1], k.shape[2], q.shape[3]
-    Hkv = k.shape[1]
+    Bt, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     nqb, nkb = bias.shape[2], bias.shape[3]
     scale = D ** -0.5 if scale is None else float(scale)
+    # the dynamic heads of each KV head (local indices): only their columns are scored
+    groups: dict[int, list[int]] = {}
+    for h in table.dynamic_list:
+        groups.setdefault(h // G, []).append(h % G)
     Hd = table.num_dynamic
-    # pooled queries of every head (fp32 means, then k's dtype), grouped by KV head so that one
-    # matmul per group scores them against k as it is: no copy or up-cast of k per head
-    qp = (_pool(q, q_lens, nqb, B) * scale).to(k.dtype).view(Bt, Hkv, G * nqb, D)
+    # pooled queries (fp32 means, scaled, then k's dtype) [Bt, Hkv, G, nqb, D]
+    qp = (_pool(q, q_lens, nqb, B) * scale).to(k.dtype).view(Bt, Hkv, G, nqb, D)
     kbias = None
-    if kv_lens is not None:
+    if kv_lens is not None:  # keys at or past a row's length: -inf
         past = torch.arange(Nk, device=k.device)[None, :] >= kv_lens.to(k.device)[:, None]
-        kbias = torch.zeros((Bt, 1, 1, Nk), dtype=torch.float32, device=k.device)
-        kbias = kbias.masked_fill(past[:, None, None, :], float("-inf"))
-    pad = nkb * B - Nk
-    step = max(1, max_elements // max(1, Bt * Hq * Nk))
-    parts = []
-    for c0 in range(0, nqb, step):
-        c1 = min(nqb, c0 + step)
-        qc = qp.view(Bt, Hkv, G, nqb, D)[:, :, :, c0:c1].reshape(Bt, Hkv, G * (c1 - c0), D)
-        s = head_scores(qc, k, table.dynamic_list, G)
-        if kbias is not None:
-            s = s.add_(kbias)
-        # logsumexp per block, shifted by the row's max (cheaper than a per-block max); a block
-        # that underflows gets a finite floor, so it stays a (last-ranked) candidate
-        m = s.amax(-1, keepdim=True)
-        e = s.sub_(m).exp_()
-        if pad:
-            e = torch.nn.functional.pad(e, (0, pad))
-        e = e.view(Bt, Hd, c1 - c0, nkb, B).sum(-1)
-        parts.append(e.clamp_(min=torch.finfo(torch.float32).tiny).log_() + m)
-    score = torch.cat(parts, 2) + bias
+        kbias = torch.zeros((Bt, 1, Nk, 1), dtype=torch.float32, device=k.device)
+        kbias.masked_fill_(past[:, None, :, None], float("-inf"))
+    score = torch.full((Bt, Hd, nqb, nkb), float("-inf"), dtype=torch.float32, device=q.device)
+    # query blocks in chunks of at most max_elements scores; a chunk scores only the keys its
+    # queries can see (all rows alike: the last Nq of Nk positions; padded rows: every key)
+    off = Nk - Nq if q_lens is None else 0
+    c0 = 0
+    while c0 < nqb:
+        c1 = c0 + 1
+        while c1 < nqb and Bt * Hd * (c1 + 1 - c0) * _seen(off, c1 + 1, B, Nk, q_lens) <= max_elements:
+            c1 += 1
+        nk, ca, row = _seen(off, c1, B, Nk, q_lens), c1 - c0, 0
+        for h, local in groups.items():
+            sel = torch.tensor(local, device=q.device) if len(local) != G else None
+            cols = qp[:, h, :, c0:c1] if sel is None else qp[:, h, :, c0:c1].index_select(1, sel)
+            s = key_scores(k[:, h:h + 1, :nk], cols.reshape(Bt, 1, len(local) * ca, D))
+            lse = block_logsumexp(s, B, None if kbias is None else kbias[:, :, :nk])  # [Bt, 1, nkb_c, g * ca]
+            lse = lse.view(Bt, -1, len(local), ca).permute(0, 2, 3, 1)
+            score[:, row:row + len(local), c0:c1, :lse.shape[-1]] = lse
+            row += len(local)
+        c0 = c1
+    score = score + bias
     kmax = _dynamic_width(table, nkb)
     vals, idx = score.topk(kmax, dim=-1)
     keep = (torch.arange(kmax, device=q.device) < budget.unsqueeze(-1)) & torch.isfinite(vals)
     return torch.where(keep, idx, torch.full_like(idx, -1))
+
+
+def _seen(off: int, c1: int, B: int, Nk: int, q_lens) -> int:
+    """Keys that the queries of blocks ``< c1`` can see, rounded up to whole blocks (host int)."""
+    if q_lens is not None:
+        return Nk
+    return min(Nk, _cdiv(off + c1 * B, B) * B)
 
 
 def _dynamic_width(table: ProgramTable, nkb: int) -> int:
@@ -308,19 +322,20 @@ def _pool(x: torch.Tensor, lens: torch.Tensor | None, nblocks: int, B: int) -> t
     """float32 mean of ``x [Bt, H, N, D]`` over each B-block's first ``lens[b]`` rows (all rows
     when ``lens`` is None) -> ``[Bt, H, nblocks, D]``."""
     Bt, H, N, D = x.shape
-    pad = nblocks * B - N
-    if pad < 0:
+    if N > nblocks * B:
         raise DamRuntimeError(f"{N} rows do not fit {nblocks} blocks of {B}")
-    x = x.float()
     if lens is not None:
         rows = torch.arange(N, device=x.device)[None, :] < lens.to(x.device)[:, None]  # [Bt, N]
-        x = x.masked_fill(~rows[:, None, :, None], 0.0)
+        x = x.masked_fill(~rows[:, None, :, None], 0)
         cnt = (lens.to(x.device)[:, None] - torch.arange(nblocks, device=x.device) * B).clamp(0, B)
     else:
-        cnt = (N - torch.arange(nblocks, device=x.device) * B).clamp(max=B)[None, :].expand(Bt, -1)
-    if pad:
-        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-    s = x.view(Bt, H, nblocks, B, D).sum(3)
+        cnt = (N - torch.arange(nblocks, device=x.device) * B).clamp(min=0, max=B)[None, :].expand(Bt, -1)
+    full = N // B  # whole blocks summed in place (float32 accumulation, no up-cast copy), then the tail
+    s = torch.zeros((Bt, H, nblocks, D), dtype=torch.float32, device=x.device)
+    if full:
+        s[:, :, :full] = x[:, :, :full * B].reshape(Bt, H, full, B, D).sum(3, dtype=torch.float32)
+    if N > full * B:
+        s[:, :, full] = x[:, :, full * B:].sum(2, dtype=torch.float32)
     return s / cnt.clamp(min=1).to(s.dtype)[:, None, :, None]
 
 
