@@ -1,24 +1,21 @@
-"""Speed benchmark of dam.kernels: ours vs dense causal SDPA vs FlexAttention on the same mask.
+"""CPU speed benchmark of dam.kernels: ours vs dense causal SDPA vs FlexAttention on the same mask.
 
 Usage::
 
-    python benchmarks/bench_kernels.py            # GPU if present, else the CPU figures
+    python benchmarks/bench_kernels.py            # the CPU figures
     python benchmarks/bench_kernels.py --quick    # smaller sizes (smoke run)
-    python benchmarks/bench_kernels.py --cpu      # force the CPU benchmark
 
-GPU (CUDA present): ``triton.testing.do_bench`` medians, bf16, B=1, Hq=32, Hkv=8, D=128,
-128-blocks, N in {8K..128K} x density {5, 10, 20, 50, 100} %; decode at cache 32K and 128K.
-CPU: bf16 then fp32 (``--dtypes``), 2 threads; "ours" is what ``block_sparse_attention`` runs
+GPUs are measured by ``benchmarks/gpu_check.sh``. CPU: bf16 then fp32 (``--dtypes``), 2 threads; "ours" is what ``block_sparse_attention`` runs
 once its compiled kernel is built (``dam.kernels.cpu_flex``), "ours_aten" the ATen path beside
 it; SmolLM2's shape (Hq/Hkv 9/3, D 64, 64-blocks) at N 4K-32K and densities 5-100 %, Llama-3-8B's (32/8, D 128, 128-blocks) at 8K across densities,
 128-blocks at SmolLM2's shape (:func:`cpu_cases`; ``--full``: the whole grid); decode at a 32K
 cache for both shapes; against causal SDPA and ``torch.compile``-d FlexAttention with a
 ``BlockMask`` built directly from the layout (``BlockMask.from_kv_blocks``: the diagonal blocks as partial blocks with a
 causal ``mask_mod``, the others as full blocks). Timings are medians over interleaved rounds.
-The layouts are realistic: a sink block, a local window (the diagonal block and the one before)
-and random far blocks per query block up to the target fraction of the causal blocks.
+The layouts are :mod:`dam.kernels.synthetic`'s: a sink block, a local window (the diagonal block and
+the one before) and random far blocks per query block up to the target fraction of the causal blocks.
 
-Writes ``benchmarks/results/kernels_<cpu|gpu>.json`` and ``.png`` (with the device name).
+Writes ``benchmarks/results/kernels_cpu_<dtype>.json`` and ``.png`` (with the device name).
 """
 
 from __future__ import annotations
@@ -38,63 +35,11 @@ import torch.nn.functional as F
 
 from dam.kernels import BlockLayout, block_sparse_attention, block_sparse_decode, cpu_flex
 from dam.kernels.cpu import attention_cpu
+from dam.kernels.synthetic import element_density, flex_block_mask, gqa_mask, realistic_mask
 from dam.runtime.bench import run_facts
 
 log = logging.getLogger("bench_kernels")
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-# --- layouts -------------------------------------------------------------------------------
-def realistic_mask(heads: int, nqb: int, density: float, gen: torch.Generator,
-                   window: int = 2) -> torch.Tensor:
-    """bool [1, H, nqb, nqb] (Nq == Nk, square blocks): sink + window + random far blocks,
-    ``max(sink+window, round(density * (a + 1)))`` kept blocks in query block ``a``."""
-    a = torch.arange(nqb).view(1, nqb, 1)
-    b = torch.arange(nqb).view(1, 1, nqb)
-    causal = b <= a
-    forced = causal & ((b == 0) | (b > a - window))
-    score = torch.rand(heads, nqb, nqb, generator=gen)
-    score = torch.where(forced, torch.full_like(score, -1.0), score)
-    score = torch.where(causal, score, torch.full_like(score, 2.0))
-    target = torch.clamp(torch.round(density * (torch.arange(nqb) + 1)), min=1).view(1, nqb, 1)
-    rank = score.argsort(-1).argsort(-1)
-    keep = ((rank < target) | forced) & causal
-    return keep.unsqueeze(0)
-
-
-def element_density(mask: torch.Tensor, block: int) -> float:
-    """Kept (query, key) pairs over causal pairs, for a square-block causal layout."""
-    nqb = mask.shape[-1]
-    diag = torch.eye(nqb, dtype=torch.bool)
-    off = (mask & ~diag).sum().item() * block * block
-    on = (mask & diag).sum().item() * block * (block + 1) / 2
-    n = nqb * block
-    return (off + on) / (mask.shape[1] * n * (n + 1) / 2)
-
-
-def flex_block_mask(mask: torch.Tensor, block: int, device: torch.device):
-    """BlockMask straight from the layout: diagonal blocks partial (causal mask_mod), rest full."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    nqb = mask.shape[-1]
-    diag = torch.eye(nqb, dtype=torch.bool).view(1, 1, nqb, nqb)
-    part, full = mask & diag, mask & ~diag
-
-    def to_idx(m):
-        cnt = m.sum(-1, dtype=torch.int32)
-        ar = torch.arange(nqb, dtype=torch.int32)
-        idx = torch.where(m, ar, ar + nqb).sort(-1).values
-        idx = torch.where(idx >= nqb, torch.zeros_like(idx), idx).to(torch.int32)
-        return cnt.to(device), idx.contiguous().to(device)
-
-    def causal(b, h, q_idx, kv_idx):
-        return q_idx >= kv_idx
-
-    pc, pi = to_idx(part)
-    fc, fi = to_idx(full)
-    n = nqb * block
-    return BlockMask.from_kv_blocks(pc, pi, fc, fi, BLOCK_SIZE=block, mask_mod=causal,
-                                    seq_lengths=(n, n))
 
 
 # --- timing --------------------------------------------------------------------------------
@@ -119,16 +64,6 @@ def _first_call(f) -> float:
     t = time.perf_counter()
     f()
     return time.perf_counter() - t
-
-
-def gqa_mask(hq: int, hkv: int, nqb: int, density: float, gen: torch.Generator,
-             shared: float = 0.75) -> torch.Tensor:
-    """Like :func:`realistic_mask`, but the query heads of a KV head keep ``shared`` of their far
-    blocks in common (a real artifact's heads share 68-88 % of their blocks per KV head)."""
-    g = hq // hkv
-    common = realistic_mask(hkv, nqb, density * shared, gen).repeat_interleave(g, 1)
-    own = realistic_mask(hq, nqb, density * (1 - shared), gen)
-    return common | own
 
 
 #: (N, density, Hq, Hkv, D, block) of the default CPU run: SmolLM2's shape (9/3, D 64, block 64)
@@ -251,60 +186,6 @@ def cpu_benchmark(quick: bool, threads: int, dtype: torch.dtype = torch.bfloat16
         "grid": "full" if full else ("quick" if quick else "default"), "statistic": "median"}}
 
 
-def gpu_benchmark(quick: bool) -> dict:
-    import triton.testing
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.flex_attention import flex_attention
-
-    dev = torch.device("cuda")
-    hq, hkv, d, block, dt = 32, 8, 128, 128, torch.bfloat16
-    gen = torch.Generator().manual_seed(0)
-    flex = torch.compile(flex_attention, dynamic=False)
-    sizes = [8192, 16384] if quick else [8192, 16384, 32768, 65536, 131072]
-    rows = []
-
-    def bench(f):
-        return triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median") / 1e3
-
-    for n in sizes:
-        q = torch.randn(1, hq, n, d, device=dev, dtype=dt)
-        k = torch.randn(1, hkv, n, d, device=dev, dtype=dt)
-        v = torch.randn(1, hkv, n, d, device=dev, dtype=dt)
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            sdpa = bench(partial(F.scaled_dot_product_attention, q, k, v, is_causal=True,
-                                 enable_gqa=True))
-        for dens in (0.05, 0.10, 0.20, 0.50, 1.00):
-            mask = realistic_mask(hq, n // block, dens, gen)
-            layout = BlockLayout.from_block_mask(mask, block, block).to(dev)
-            bmask = flex_block_mask(mask, block, dev)
-            ours = bench(partial(block_sparse_attention, q, k, v, layout))
-            fl = bench(partial(flex, q, k, v, block_mask=bmask, enable_gqa=True))
-            ed = element_density(mask, block)
-            rows.append({"N": n, "density_target": dens, "density": round(ed, 4), "sdpa_s": sdpa,
-                         "ours_s": ours, "flex_s": fl, "speedup_vs_sdpa": sdpa / ours,
-                         "speedup_vs_flex": fl / ours})
-            log.info("GPU N=%6d density=%.3f sdpa %.3fms ours %.3fms flex %.3fms (x%.2f sdpa, "
-                     "x%.2f flex)", n, ed, sdpa * 1e3, ours * 1e3, fl * 1e3, sdpa / ours, fl / ours)
-    decode = []
-    for s in ([32768] if quick else [32768, 131072]):
-        qd = torch.randn(1, hq, 1, d, device=dev, dtype=dt)
-        kc = torch.randn(1, hkv, s, d, device=dev, dtype=dt)
-        vc = torch.randn(1, hkv, s, d, device=dev, dtype=dt)
-        m = realistic_mask(hq, s // block, 0.10, gen)[:, :, -1:, :]
-        lay = BlockLayout.from_block_mask(m, block, block).to(dev)
-        lens = torch.tensor([s], device=dev, dtype=torch.int32)
-        ours = bench(partial(block_sparse_decode, qd, kc, vc, lay, cache_seqlens=lens))
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            dense = bench(partial(F.scaled_dot_product_attention, qd, kc, vc, enable_gqa=True))
-        decode.append({"cache": s, "density": 0.10, "dense_s": dense, "ours_s": ours,
-                       "speedup": dense / ours})
-        log.info("GPU decode cache=%d: dense %.4fms ours %.4fms (x%.2f)", s, dense * 1e3,
-                 ours * 1e3, dense / ours)
-    return {"prefill": rows, "decode": decode, "config": {
-        "dtype": "bfloat16", "B": 1, "Hq": hq, "Hkv": hkv, "D": d, "block": block,
-        "statistic": "median (triton.testing.do_bench)"}}
-
-
 def plot(result: dict, path: Path) -> None:
     import matplotlib
     import matplotlib.ticker
@@ -349,7 +230,8 @@ def _shape_label(r: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
-    ap.add_argument("--cpu", action="store_true", help="run the CPU benchmark even with a GPU")
+    ap.add_argument("--cpu", action="store_true", help="accepted for old command lines (this benchmark is the "
+                    "CPU one; benchmarks/gpu_check.sh measures GPUs)")
     ap.add_argument("--full", action="store_true", help="CPU: the whole grid (4 lengths x 2 head shapes x "
                     "2 head dims x 2 blocks x 5 densities; hours on 2 cores)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (CPU benchmark)")
@@ -362,13 +244,8 @@ def main() -> None:
     if args.replot is not None:
         plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
         return
-    on_gpu = torch.cuda.is_available() and not args.cpu
-    if on_gpu:
-        device = torch.cuda.get_device_name(0)
-        res = gpu_benchmark(args.quick)
-        kind, stem = "GPU figure", "kernels_gpu"
-    else:
-        device = f"CPU: {platform.processor() or platform.machine()} ({_cpu_name()})"
+    device = f"CPU: {platform.processor() or platform.machine()} ({_cpu_name()})"
+    if True:
         for name in args.dtypes.split(","):
             load_before = os.getloadavg()
             res = cpu_benchmark(args.quick, args.threads, getattr(torch, name.strip()), args.full)
@@ -380,8 +257,6 @@ def main() -> None:
             stem = f"kernels_cpu_{name.strip()}" + ("" if args.threads == 2 else f"_{args.threads}thread") \
                 + ("_full" if args.full else "")
             _write(res, args, device, kind, stem)
-        return
-    _write(res, args, device, kind, stem)
 
 
 def _write(res: dict, args, device: str, kind: str, stem: str) -> None:
