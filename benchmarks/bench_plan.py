@@ -1,29 +1,30 @@
-"""Planning time as a fraction of attention time, 8K..64K (one layer, SmolLM2-135M shapes).
+"""Planning time against the attention it plans, per layer of a DAM artifact (SmolLM2 shapes).
 
-For each length: the static plan of a new length (uncached), the per-call plan (static part
-cached, dynamic top-k from pooled q/k), and the block-sparse attention call the plan feeds.
+For each length and each sampled layer of the artifact, with the runtime's settings (last-query
+estimate as the artifact's metadata sets it): the per-call plan (static part cached: the dynamic
+top-k and the estimate), split into its dynamic-score and estimate parts, beside dense causal
+SDPA on the same q/k/v, interleaved (median of ``--rounds``). Random inputs of the model's
+shapes: planning cost depends on shapes and programs, not on values.
 
-    python benchmarks/bench_plan.py --lengths 8k,16k,32k,64k --backend cpu --out benchmarks/results/plan_cpu.json
+    OMP_WAIT_POLICY=passive python benchmarks/bench_plan.py --out benchmarks/results/plan_cpu_bfloat16.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
-from dam.compiler import MaskProgram
-from dam.kernels import block_sparse_attention
-from dam.runtime import Planner
-
-PROGRAMS = [  # a typical compiled mix for 9 query heads
-    MaskProgram(sink=64, window=512),
-    MaskProgram(sink=64, window=256, slashes=(640, 1280), verticals=(100,)),
-    MaskProgram(window=256, dynamic_fraction=0.05),
-] * 3
+from dam.compiler import load_artifact
+from dam.kernels import cpu_flex
+from dam.runtime import Planner, RuntimeConfig
+from dam.runtime.bench import run_facts
+from dam.runtime.estimate import last_query_mask
+from dam.runtime.planner import dynamic_indices
 
 
 def _len(s: str) -> int:
@@ -31,54 +32,73 @@ def _len(s: str) -> int:
     return int(s[:-1]) * 1024 if s.endswith("k") else int(s)
 
 
-def _time(fn, reps: int, sync) -> float:
-    fn()
-    sync()
+def _once(fn) -> float:
     t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    sync()
-    return (time.perf_counter() - t) / reps
+    fn()
+    return time.perf_counter() - t
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lengths", default="8k,16k,32k,64k")
-    ap.add_argument("--backend", default="auto")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None)
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--artifact", default="artifacts/smollm2-135m.dam.safetensors")
+    ap.add_argument("--lengths", default="4k,8k,16k")
+    ap.add_argument("--layers", default="0,3,9,15,21,27", help="comma-separated layer indices")
+    ap.add_argument("--heads", default="9,3,64", help="Hq,Hkv,D of the model (SmolLM2-135M)")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    dev = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if dev.type == "cuda" else torch.float32)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    art = load_artifact(args.artifact)
+    frac, nlast = RuntimeConfig().resolve_last_query(art)
+    hq, hkv, d = (int(x) for x in args.heads.split(","))
+    dtype = getattr(torch, args.dtype)
+    B = art.block_size
     rows = []
     for n in (_len(x) for x in args.lengths.split(",")):
-        q = torch.randn(1, 9, n, 64, device=dev, dtype=dtype)
-        k = torch.randn(1, 3, n, 64, device=dev, dtype=dtype)
-        v = torch.randn(1, 3, n, 64, device=dev, dtype=dtype)
-
-        def fresh():
-            Planner(PROGRAMS, 64, dev).plan(n, n, q, k)  # noqa: B023 (called at once)
-
-        planner = Planner(PROGRAMS, 64, dev)
-        layout = planner.plan(n, n, q, k)
-        t_static = _time(fresh, args.reps, sync)
-        t_call = _time(lambda: planner.plan(n, n, q, k), args.reps, sync)  # noqa: B023 (called at once)
-        t_attn = _time(lambda: block_sparse_attention(q, k, v, layout, backend=args.backend), args.reps, sync)  # noqa: B023 (called at once)
-        nkb = -(-n // 64)
-        density = float(layout.kv_counts.double().sum() / (layout.batch * 9 * nkb * (nkb + 1) / 2))
-        row = dict(length=n, density=round(density, 4), plan_uncached_s=t_static, plan_per_call_s=t_call,
-                   attention_s=t_attn, plan_fraction_per_call=t_call / t_attn,
-                   plan_fraction_uncached=t_static / t_attn)
-        rows.append(row)
-        print(json.dumps(row))
-    meta = dict(device=str(dev), dtype=str(dtype), backend=args.backend, torch=torch.__version__,
-                machine=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+        g = torch.Generator().manual_seed(n)
+        q = torch.randn(1, hq, n, d, generator=g).to(dtype)
+        k = torch.randn(1, hkv, n, d, generator=g).to(dtype)
+        v = torch.randn(1, hkv, n, d, generator=g).to(dtype)
+        for layer in (int(x) for x in args.layers.split(",")):
+            p = Planner(art.layer_programs(layer), B, "cpu", last_query=frac, last_query_queries=nlast)
+            entry = p._static(n, n)
+            p.plan(n, n, q, k)  # warm: the cached static part, and any compiled kernel's build
+            cpu_flex.wait_for_builds()
+            eh = list(p._estimate_list)
+            cur = entry.layout.block_mask(-(-n // B))[:, eh]
+            fns = {
+                "sdpa_s": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),  # noqa: B023
+                "plan_s": lambda: p.plan(n, n, q, k),  # noqa: B023 (called in this iteration)
+            }
+            if entry.bias is not None:
+                fns["dynamic_s"] = lambda: dynamic_indices(p.table, entry.bias, entry.budget, q, k,  # noqa: B023
+                                                           None, None, B)
+            if p.estimates(n):
+                fns["estimate_s"] = lambda: last_query_mask(q, k, cur, eh, frac, nlast, B)  # noqa: B023
+            times: dict[str, list[float]] = {name: [] for name in fns}
+            for fn in fns.values():
+                fn()
+            for _ in range(args.rounds):
+                for name, fn in fns.items():
+                    times[name].append(_once(fn))
+            row = {"length": n, "layer": layer, "dynamic_heads": p.table.num_dynamic, "estimate_heads": len(eh)}
+            row.update({name: statistics.median(ts) for name, ts in times.items()})
+            row["plan_share_of_sdpa"] = row["plan_s"] / row["sdpa_s"]
+            rows.append(row)
+            print(json.dumps({k_: round(v_, 4) if isinstance(v_, float) else v_ for k_, v_ in row.items()}), flush=True)
+    summary = {}
+    for n in sorted({r["length"] for r in rows}):
+        sel = [r for r in rows if r["length"] == n]
+        summary[str(n)] = {"plan_share_of_sdpa_mean": statistics.mean(r["plan_share_of_sdpa"] for r in sel),
+                           "plan_s_mean": statistics.mean(r["plan_s"] for r in sel),
+                           "sdpa_s_mean": statistics.mean(r["sdpa_s"] for r in sel)}
+    print(json.dumps(summary, indent=1))
     if args.out:
+        meta = dict(run_facts(), artifact=args.artifact, dtype=args.dtype, device="cpu", rounds=args.rounds,
+                    last_query=frac, last_query_queries=nlast, date=time.strftime("%Y-%m-%d"),
+                    compiled=cpu_flex.mode())
         with open(args.out, "w") as fh:
-            json.dump(dict(meta=meta, rows=rows), fh, indent=1)
+            json.dump(dict(meta=meta, summary=summary, rows=rows), fh, indent=1)
 
 
 if __name__ == "__main__":
