@@ -6,7 +6,7 @@ class; the loader validates everything and raises ``ArtifactError`` naming what 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -83,6 +83,23 @@ class Artifact:
         """``(last_query, last_query_queries)`` from ``metadata["runtime"]`` (``(0.0, 64)`` when
         absent), validated: :func:`runtime_defaults`."""
         return runtime_defaults(self.metadata)
+
+    def select_heads(self, start: int, stop: int) -> Artifact:
+        """The artifact restricted to query heads ``[start, stop)`` (what one tensor-parallel rank
+        serves): the same programs and metadata, the per-head arrays' columns ``start:stop``."""
+        H = self.num_heads
+        if not (isinstance(start, (int, np.integer)) and isinstance(stop, (int, np.integer))) \
+                or not 0 <= start < stop <= H:
+            raise ArtifactError(f"query heads [{start}, {stop}) are not a range of the artifact's {H}")
+        if (start, stop) == (0, H):
+            return self
+        cols = slice(int(start), int(stop))
+
+        def part(a):
+            return None if a is None else np.ascontiguousarray(a[:, cols])
+
+        return replace(self, head_program=part(self.head_program), recall=part(self.recall),
+                                   density=part(self.density), recall_capture=part(self.recall_capture))
 
     def layer_programs(self, layer: int) -> tuple[MaskProgram, ...]:
         """The H programs of one layer, in query-head order."""

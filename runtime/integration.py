@@ -264,7 +264,7 @@ class DamHandle:
         config: the :class:`RuntimeConfig`. active: False once removed.
     """
 
-    def __init__(self, model: torch.nn.Module, artifact: Artifact, config: RuntimeConfig) -> None:
+    def __init__(self, model: torch.nn.Module | None, artifact: Artifact, config: RuntimeConfig) -> None:
         self.model = model
         self.artifact = artifact
         self.config = config
@@ -339,6 +339,27 @@ class DamHandle:
         return p
 
     # -- the attention call ---------------------------------------------------------------
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+               ) -> torch.Tensor:
+        """Causal attention of ``layer`` for queries at the last positions of the keys, as the
+        installed attention function computes it (``min_length``, the dense rule, planning, the
+        kernels): ``q [B, Hq, N, D]``, ``k``/``v [B, Hkv, Nk, D]`` (every key valid) ->
+        ``[B, Hq, N, D]``. For serving engines that call attention themselves (the vLLM backend);
+        a handle used this way needs no model (``DamHandle(None, artifact, config)``)."""
+        return self._attend(layer, q, k, v, None, scale, None)
+
+    def runs_sparse(self, layer: int, q_len: int, kv_len: int, device: torch.device | str, dtype: torch.dtype) -> bool:
+        """Whether :meth:`attend` runs a block-sparse kernel for a ``(q_len, kv_len)`` prefill call
+        of ``layer`` (False: it would run dense attention: below ``min_length``, every program of
+        the layer dense, or the planned density above the dense rule's break-even). Reads no
+        tensor; a serving engine sends the other calls to its own dense kernel."""
+        dev = torch.device(device)
+        if self._dense_for(kv_len, None) or (self._all_dense[layer] and self.layout_hook is None):
+            return False
+        if self.layout_hook is not None or q_len <= 1:
+            return True
+        return not self._over_break_even(self.planner(layer, dev), dev, dtype, q_len, kv_len)
+
     def _dense_decode(self, layer: int, device: torch.device, kv_len: int) -> bool:
         mode = self.config.decode
         if mode != "auto":
@@ -371,7 +392,7 @@ class DamHandle:
         if self._all_dense[layer] and self.layout_hook is None:
             return _kernels.dense_attention(q, k, v, scale=scale)
         planner = self.planner(layer, q.device)
-        if self.layout_hook is None and N > 1 and self._over_break_even(planner, q, N, Nk):
+        if self.layout_hook is None and N > 1 and self._over_break_even(planner, q.device, q.dtype, N, Nk):
             return _kernels.dense_attention(q, k, v, scale=scale)
         layout = planner.plan(N, Nk, q, k, scale=scale)
         if self.layout_hook is not None:
@@ -427,12 +448,13 @@ class DamHandle:
         if self._all_dense[layer]:
             return [True] * len(lq)
         planner = self.planner(layer, q.device)
-        return [d or nq == 0 or (nq > 1 and self._over_break_even(planner, q, nq, nk))
+        return [d or nq == 0 or (nq > 1 and self._over_break_even(planner, q.device, q.dtype, nq, nk))
                 for d, nq, nk in zip(dense_rows, lq, lk, strict=True)]
 
-    def _over_break_even(self, planner: Planner, q: torch.Tensor, q_len: int, kv_len: int) -> bool:
+    def _over_break_even(self, planner: Planner, device: torch.device, dtype: torch.dtype, q_len: int,
+                         kv_len: int) -> bool:
         """The dense rule: the planned density bound of ``(q_len, kv_len)`` is above the break-even."""
-        return planner.density_bound(q_len, kv_len) > self.config.dense_threshold(q.device, q.dtype, kv_len)
+        return planner.density_bound(q_len, kv_len) > self.config.dense_threshold(device, dtype, kv_len)
 
     def _per_row(self, layer, q, k, v, valid_k, valid_q, scale, sliding_window) -> torch.Tensor:
         out = torch.zeros((*q.shape[:3], v.shape[-1]), dtype=q.dtype, device=q.device)

@@ -274,3 +274,20 @@ def test_check_compatible_names_mismatches():
                           hidden_size=256, head_dim=64)
     with pytest.raises(ArtifactError, match="num_hidden_layers.*num_key_value_heads"):
         art.check_compatible(bad)
+
+
+def test_select_heads_is_a_tensor_parallel_rank_slice(tmp_path):
+    art = _artifact(L=3, H=4)
+    halves = [art.select_heads(0, 2), art.select_heads(2, 4)]
+    for part, cols in zip(halves, (slice(0, 2), slice(2, 4)), strict=True):
+        assert part.num_heads == 2 and part.num_layers == 3 and part.programs == art.programs
+        np.testing.assert_array_equal(part.head_program, art.head_program[:, cols])
+        for name in ("recall", "density"):
+            full = getattr(art, name)
+            if full is not None:
+                np.testing.assert_array_equal(getattr(part, name), full[:, cols])
+        assert [part.layer_programs(i) for i in range(3)] == [art.layer_programs(i)[cols] for i in range(3)]
+    assert art.select_heads(0, 4) is art
+    for bad in ((2, 2), (-1, 2), (0, 5), (3, 1)):
+        with pytest.raises(ArtifactError, match="not a range"):
+            art.select_heads(*bad)

@@ -232,3 +232,33 @@ def test_dense_rule_in_padded_batches(monkeypatch):
         torch.testing.assert_close(out[b, :, N - n:], alone(mid, b), **FP32_TOL)
     sparse = DamHandle(None, art, RuntimeConfig(backend="cpu", min_length=1, dense_above=1.0))
     assert not torch.allclose(alone(sparse, 0), alone(low, 0), **FP32_TOL)  # the two paths differ
+
+
+def test_public_attend_and_runs_sparse_agree_with_what_runs(monkeypatch):
+    """``attend`` is the installed computation; ``runs_sparse`` says whether it runs a sparse
+    kernel (a serving engine sends the other calls to its own dense kernel)."""
+    from dam.runtime import _kernels
+    from dam.runtime import integration as integ
+
+    H, D, N = 4, 16, 200
+    q, k, v = torch.randn(1, H, N, D) * 3, torch.randn(1, 2, N, D), torch.randn(1, 2, N, D)
+    sparse_calls = []
+    real = _kernels.sparse_prefill
+    monkeypatch.setattr(_kernels, "sparse_prefill", lambda *a, **kw: sparse_calls.append(1) or real(*a, **kw))
+    cases = [  # (programs, min_length, dense_above, runs sparse)
+        (STATIC_PROGRAMS, 1, None, True),
+        (STATIC_PROGRAMS, N + 1, None, False),  # below min_length
+        ((MaskProgram(dense=True),), 1, None, False),  # a layer of dense programs
+        (STATIC_PROGRAMS, 1, 1e-6, False),  # over the dense rule's break-even
+    ]
+    for programs, min_length, dense_above, want in cases:
+        hp = np.arange(H, dtype=np.int32)[None, :] % len(programs)
+        art = Artifact(programs=tuple(programs), head_program=hp, block_size=16)
+        h = integ.DamHandle(None, art, RuntimeConfig(backend="cpu", min_length=min_length, dense_above=dense_above))
+        sparse_calls.clear()
+        assert h.runs_sparse(0, N, N, "cpu", torch.float32) is want
+        out = h.attend(0, q, k, v, 0.3)
+        assert bool(sparse_calls) is want
+        ref_programs = programs if want else (MaskProgram(dense=True),) * H  # dense: full causal
+        ref = reference_attention(q, k, v, ref_programs, 16, scale=0.3)
+        torch.testing.assert_close(out.double(), ref, **FP32_TOL)
