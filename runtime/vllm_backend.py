@@ -1,0 +1,168 @@
+"""DAM inside vLLM on the CPU: a subclass of vLLM's CPU attention backend (imports vLLM).
+
+Registered by :mod:`dam.runtime.vllm_plugin`. With no artifact configured every call goes to
+vLLM's implementation unchanged. With one (``additional_config["dam_artifact"]`` or
+``DAM_ARTIFACT``):
+
+* at engine start (model construction, in every worker) the artifact is loaded and checked
+  against the served model (:meth:`Artifact.check_compatible`: a mismatch or a damaged file
+  stops the engine with the artifact's error), and one line is logged;
+* the metadata builder marks, per step, the requests whose whole prompt is in this step (no
+  cached or earlier-chunk context) and has at least ``min_length`` tokens
+  (``additional_config["dam_min_length"]``, default :class:`RuntimeConfig`'s);
+* the attention call runs DAM for those requests where ``dam.runtime`` would run a block-sparse
+  kernel (:meth:`DamHandle.runs_sparse`: not a layer of dense programs, not over the dense rule's
+  break-even) on their own queries, keys and values (:meth:`DamHandle.attend`), and vLLM's kernel
+  for everything else: those layers, decode tokens, short prompts, later chunks of a chunked
+  prefill and prompts with a prefix-cache hit. A step whose requests all run DAM skips vLLM's
+  kernel; otherwise vLLM's kernel runs for the whole batch first and DAM overwrites its rows
+  (right, not yet faster).
+
+The KV cache is always written by vLLM (``do_kv_cache_update`` is inherited), so decode reads
+the same cache whichever path a prompt took. Tensor parallelism: a rank's query heads are
+``[rank * num_heads, (rank + 1) * num_heads)``; it applies those columns of the artifact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+
+from dam.compiler import load_artifact
+
+from .integration import DamHandle, RuntimeConfig
+
+log = logging.getLogger("vllm.dam")  # under vLLM's logger: printed with its own lines
+
+_HANDLES: dict[tuple, DamHandle] = {}
+_LOCK = threading.Lock()
+
+
+def artifact_path(additional_config) -> str | None:
+    """The configured artifact: ``additional_config["dam_artifact"]``, else ``DAM_ARTIFACT``."""
+    cfg = additional_config if isinstance(additional_config, dict) else {}
+    return cfg.get("dam_artifact") or os.environ.get("DAM_ARTIFACT") or None
+
+
+def runtime_config(additional_config) -> RuntimeConfig:
+    """DAM's run-time settings from ``additional_config``: ``dam_min_length`` (prompts shorter
+    run vLLM's kernel) and ``dam_dense_above`` (the dense rule's break-even; default measured)."""
+    cfg = additional_config if isinstance(additional_config, dict) else {}
+    kw = {}
+    if "dam_min_length" in cfg:
+        kw["min_length"] = int(cfg["dam_min_length"])
+    if "dam_dense_above" in cfg:
+        kw["dense_above"] = float(cfg["dam_dense_above"])
+    return RuntimeConfig(backend="cpu", **kw)
+
+
+def _handle(vllm_config, num_heads: int) -> DamHandle | None:
+    """This process's DAM handle for the served model (None: no artifact configured), loaded and
+    checked once per (artifact, rank)."""
+    path = artifact_path(getattr(vllm_config, "additional_config", None))
+    if path is None:
+        return None
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+    try:
+        rank = get_tensor_model_parallel_rank()
+    except Exception:  # noqa: BLE001 - no model-parallel group (a single process)
+        rank = 0
+    key = (os.path.abspath(path), rank, num_heads)
+    with _LOCK:
+        if key not in _HANDLES:
+            art = load_artifact(path)
+            art.check_compatible(vllm_config.model_config.hf_config)
+            config = runtime_config(vllm_config.additional_config)
+            h0 = rank * num_heads
+            _HANDLES[key] = DamHandle(None, art.select_heads(h0, h0 + num_heads), config)
+            log.info("DAM active: artifact %s (%d layers, query heads %d-%d of %d), prompts of %d+ tokens",
+                     path, art.num_layers, h0, h0 + num_heads - 1, art.num_heads, config.min_length)
+        return _HANDLES[key]
+
+
+@dataclasses.dataclass
+class DamCPUAttentionMetadata(CPUAttentionMetadata):
+    #: ``(first, end)`` token rows of each request DAM computes this step
+    dam_requests: tuple[tuple[int, int], ...] = ()
+    #: every request with tokens this step is one of them (vLLM's kernel is skipped)
+    dam_only: bool = False
+
+
+class DamCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._dam = artifact_path(vllm_config.additional_config) is not None
+        self._min_length = runtime_config(vllm_config.additional_config).min_length
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        md = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        if not self._dam:
+            return md
+        cm = common_attn_metadata
+        starts = cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist()
+        seqs = cm.seq_lens[: cm.num_reqs].tolist()
+        reqs, busy = [], 0
+        for i, seq in enumerate(seqs):
+            q0, q1 = starts[i], starts[i + 1]
+            busy += q1 > q0
+            if q1 - q0 == seq and seq >= self._min_length:  # the whole prompt, in this step
+                reqs.append((q0, q1))
+        if not reqs:
+            return md
+        fields = {f.name: getattr(md, f.name) for f in dataclasses.fields(md)}
+        return DamCPUAttentionMetadata(**fields, dam_requests=tuple(reqs), dam_only=len(reqs) == busy)
+
+
+class DamCPUAttentionImpl(CPUAttentionBackendImpl):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        from vllm.config import get_current_vllm_config
+
+        self._dam = _handle(get_current_vllm_config(), self.num_heads)
+        self._layer: int | None = None
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        reqs = getattr(attn_metadata, "dam_requests", ())
+        if self._dam is not None and reqs and key is not None:
+            if self._layer is None:
+                from vllm.model_executor.models.utils import extract_layer_index
+
+                self._layer = extract_layer_index(layer.layer_name)
+            sparse = [(q0, q1) for q0, q1 in reqs
+                      if self._dam.runs_sparse(self._layer, q1 - q0, q1 - q0, query.device, query.dtype)]
+        else:
+            sparse = []
+        if not sparse or len(sparse) < len(reqs) or not attn_metadata.dam_only:
+            # vLLM's kernel for every row (dense requests, decode, chunks); DAM then overwrites its own
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                            output_block_scale)
+        for q0, q1 in sparse:  # [T, H, D] rows -> [1, H, T, D] views
+            q = query[q0:q1].transpose(0, 1).unsqueeze(0)
+            k = key[q0:q1].transpose(0, 1).unsqueeze(0)
+            v = value[q0:q1].transpose(0, 1).unsqueeze(0)
+            out = self._dam.attend(self._layer, q, k, v, self.scale)
+            output[q0:q1].copy_(out[0].transpose(0, 1))
+        return output
+
+
+class DamCPUAttentionBackend(CPUAttentionBackend):
+    """vLLM's CPU backend (its name, cache layout and KV update) with DAM's builder and impl."""
+
+    @staticmethod
+    def get_impl_cls():
+        return DamCPUAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return DamCPUMetadataBuilder
