@@ -32,6 +32,7 @@ blocks past a row's own queries keep only KV block 0 (their outputs are discarde
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -76,6 +77,20 @@ class ProgramTable:
     dynamic_heads: torch.Tensor
     max_fraction: float
     dynamic_list: tuple[int, ...] = ()
+    #: the dynamic heads grouped by KV head for ``G`` query heads per KV head: ``(kv head, local
+    #: indices, their index tensor or None when all G)``, per G (host, built once per table)
+    _groups: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def dynamic_groups(self, G: int) -> tuple[tuple[int, list[int], torch.Tensor | None], ...]:
+        hit = self._groups.get(G)
+        if hit is None:
+            by: dict[int, list[int]] = {}
+            for h in self.dynamic_list:
+                by.setdefault(h // G, []).append(h % G)
+            dev = self.dynamic_heads.device
+            hit = self._groups[G] = tuple((h, loc, None if len(loc) == G else torch.tensor(loc, device=dev))
+                                          for h, loc in by.items())
+        return hit
 
     @property
     def num_heads(self) -> int:
@@ -241,10 +256,6 @@ def dynamic_indices(
     G = Hq // Hkv
     nqb, nkb = bias.shape[2], bias.shape[3]
     scale = D ** -0.5 if scale is None else float(scale)
-    # the dynamic heads of each KV head (local indices): only their columns are scored
-    groups: dict[int, list[int]] = {}
-    for h in table.dynamic_list:
-        groups.setdefault(h // G, []).append(h % G)
     Hd = table.num_dynamic
     # pooled queries (fp32 means, scaled, then k's dtype) [Bt, Hkv, G, nqb, D]
     qp = (_pool(q, q_lens, nqb, B) * scale).to(k.dtype).view(Bt, Hkv, G, nqb, D)
@@ -263,8 +274,7 @@ def dynamic_indices(
         while c1 < nqb and Bt * Hd * (c1 + 1 - c0) * _seen(off, c1 + 1, B, Nk, q_lens) <= max_elements:
             c1 += 1
         nk, ca, row = _seen(off, c1, B, Nk, q_lens), c1 - c0, 0
-        for h, local in groups.items():
-            sel = torch.tensor(local, device=q.device) if len(local) != G else None
+        for h, local, sel in table.dynamic_groups(G):  # only the dynamic heads' columns are scored
             cols = qp[:, h, :, c0:c1] if sel is None else qp[:, h, :, c0:c1].index_select(1, sel)
             s = key_scores(k[:, h:h + 1, :nk], cols.reshape(Bt, 1, len(local) * ca, D))
             lse = block_logsumexp(s, B, None if kbias is None else kbias[:, :, :nk])  # [Bt, 1, nkb_c, g * ca]
