@@ -60,9 +60,9 @@ def demo(model, out, profile_data, profile_length, profile_samples, recall, last
     from dam.compiler import CompileConfig, compile_profile, load_artifact, save_artifact
     from dam.profiler import ProfileConfig, calibration_samples, load_model
     from dam.profiler import profile as run_profile
-    from dam.runtime.bench import BenchConfig
-    from dam.runtime.bench import bench as run_bench
-    from dam.runtime.evaluate import EvalConfig, evaluate
+    from dam.runtime.eval.bench import BenchConfig
+    from dam.runtime.eval.bench import bench as run_bench
+    from dam.runtime.eval.evaluate import EvalConfig, evaluate
 
     from ._pipeline import build_samples, tqdm_progress, write_report
 

@@ -21,6 +21,22 @@ def _csv(choices):
     return convert
 
 
+def _methods(ctx, param, value):
+    """Method names as the registry parses them (``dam-paper`` is the artifact compiled from --profile)."""
+    from dam.runtime.errors import DamRuntimeError
+    from dam.runtime.eval.methods import parse
+
+    items = tuple(v.strip() for v in str(value).split(",") if v.strip())
+    if not items:
+        raise click.BadParameter("give at least one method")
+    try:
+        for v in items:
+            parse(v, {"dam-paper": None})
+    except DamRuntimeError as e:
+        raise click.BadParameter(str(e)) from None
+    return items
+
+
 @click.command("eval")
 @click.argument("model")
 @click.option("--artifact", required=True, type=click.Path(exists=True, dir_okay=False),
@@ -33,8 +49,9 @@ def _csv(choices):
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the data stream.")
 @click.option("--lengths", default="2k", show_default=True, help="Comma-separated lengths, e.g. 2k,4k,8k.")
 @click.option("--tasks", default=",".join(_TASKS), show_default=True, callback=_csv(_TASKS))
-@click.option("--methods", default=",".join(_METHODS), show_default=True, callback=_csv(_METHODS),
-              help="dam-paper needs --profile.")
+@click.option("--methods", default=",".join(_METHODS), show_default=True, callback=_methods,
+              help="Comma-separated: dam, streaming, oracle, minference, element, dam-paper (needs --profile); "
+                   "parameters after colons, e.g. dam:last_query=0.1, minference:last_q=128.")
 @click.option("--samples", default=1, show_default=True, type=click.IntRange(min=1),
               help="Text samples (and prompts per retrieval task) per length.")
 @click.option("--profile", "profile_store", default=None, type=click.Path(exists=True),
@@ -55,8 +72,8 @@ def eval_cmd(model, artifact, data, start, seed, lengths, tasks, methods, sample
     """Evaluate MODEL with DAM's ARTIFACT and baselines against dense attention."""
     from dam.compiler import load_artifact
     from dam.profiler import load_model
-    from dam.runtime.bench import default_dtype
-    from dam.runtime.evaluate import EvalConfig, evaluate
+    from dam.runtime.eval.bench import default_dtype
+    from dam.runtime.eval.evaluate import EvalConfig, evaluate
 
     from ._pipeline import build_samples, paper_artifact, tqdm_progress, write_report
 

@@ -24,10 +24,11 @@ The mask function hands the attention function the 2D key-validity mask ``bool [
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -281,6 +282,7 @@ class DamHandle:
         #: with the planned layout; what it returns is run. For evaluation: observe the layouts
         #: (return them unchanged) or substitute another method's (oracle, baselines).
         self.layout_hook: Callable[[int, torch.Tensor, torch.Tensor, BlockLayout], BlockLayout] | None = None
+        self._captures: dict[int, dict[str, Any]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
     def _install(self) -> None:
@@ -324,6 +326,32 @@ class DamHandle:
     def __repr__(self) -> str:
         return (f"DamHandle(layers={self.artifact.num_layers}, block_size={self.block_size}, "
                 f"backend={self.config.backend!r}, active={self.active})")
+
+    # -- what evaluation reads ----------------------------------------------------------------
+    def scaling(self, layer: int) -> float:
+        """The softmax scale ``layer``'s attention module uses (its ``scaling``, else 1/sqrt(head_dim))."""
+        mod = self._modules.get(layer)
+        if mod is None:
+            raise DamRuntimeError(f"layer {layer} has no attention module here (layers 0..{len(self._modules) - 1})")
+        scale = getattr(mod, "scaling", None)
+        if scale is None:
+            scale = 1.0 / math.sqrt(mod.head_dim)
+        return float(scale)
+
+    @contextlib.contextmanager
+    def capture(self, layer: int) -> Iterator[dict[str, Any]]:
+        """Record ``layer``'s attention inputs while the block is open: yields a dict that the
+        layer's calls fill with ``q``, ``k``, ``v`` (as the attention function receives them:
+        post-RoPE, ``[B, H, N, D]``, cache included), ``scale``, and ``layout`` (the layout a
+        block-sparse call ran; absent when the call ran dense). The last call wins."""
+        if layer in self._captures:
+            raise DamRuntimeError(f"layer {layer} is already being captured")
+        got: dict[str, Any] = {}
+        self._captures[layer] = got
+        try:
+            yield got
+        finally:
+            del self._captures[layer]
 
     # -- planning -------------------------------------------------------------------------
     def planner(self, layer: int, device: torch.device | str) -> Planner:
@@ -377,6 +405,11 @@ class DamHandle:
         B, Hq, N, D = q.shape
         Nk = k.shape[2]
         scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(D)
+        if self._captures:
+            got = self._captures.get(layer)
+            if got is not None:
+                got.clear()
+                got.update(q=q.detach().clone(), k=k.detach().clone(), v=v.detach().clone(), scale=scale)
         if mask is not None and mask.dim() != 2:
             return _kernels.dense_attention(q, k, v, scale=scale, mask4d=mask)
         if N == 1 and self._dense_decode(layer, q.device, Nk):
@@ -397,6 +430,8 @@ class DamHandle:
         layout = planner.plan(N, Nk, q, k, scale=scale)
         if self.layout_hook is not None:
             layout = self.layout_hook(layer, q, k, layout)
+        if self._captures and layer in self._captures:
+            self._captures[layer]["layout"] = layout
         if N == 1:
             seqlens = torch.full((q.shape[0],), Nk, dtype=torch.int32, device=q.device)
             return _kernels.sparse_decode(q, k, v, layout, cache_seqlens=seqlens, scale=scale,

@@ -182,10 +182,11 @@ def test_runtime_with_estimate_matches_reference_backend_and_metadata_default():
 def test_element_baseline_reaches_the_density_and_keeps_its_base():
     """ElementVSHook: diagonal + first key block + the estimator alone, at (just over) the asked density."""
     from dam.kernels import BlockLayout
-    from dam.runtime.baselines import ElementVSHook, causal_block_mask, diagonal_block_mask
+    from dam.runtime.eval.baselines import ElementVSHook, causal_block_mask, diagonal_block_mask
 
     class _Handle:
-        _modules = {0: torch.nn.Module()}
+        def scaling(self, layer):
+            return 1.0 / 8 ** 0.5
 
     torch.manual_seed(3)
     B, n = 16, 256

@@ -2,7 +2,7 @@
 (builtin:mix, 4 x 2K samples), a 2K prompt of text the profile never saw (another seed and later
 windows of the stdlib stream): top-1 agreement with dense >= 95 % over the last 512 positions,
 with the runtime really sparse (measured block density < 1) and the compiler's predicted recall
-confirmed by the measured recall of the layouts the runtime ran (dam.runtime.recall).
+confirmed by the measured recall of the layouts the runtime ran (dam.runtime.eval.recall).
 
 Compile settings: recall 0.99 with positional components off (no verticals, sink <= one block, no
 block-multiple slashes: they are fitted to where the calibration prompts happened to put their
@@ -49,7 +49,7 @@ def artifact_path(smollm2, tmp_path_factory):
 def test_smollm2_top1_agreement_and_measured_recall(smollm2, artifact_path):
     import dam.runtime as rt
     from dam.compiler import load_artifact
-    from dam.runtime.recall import measure_recall, top1_agreement
+    from dam.runtime.eval.recall import measure_recall, top1_agreement
 
     model, tok = smollm2
     art = load_artifact(artifact_path)

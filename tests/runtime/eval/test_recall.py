@@ -1,4 +1,4 @@
-"""dam.runtime.recall: measured recall/density of the layouts run, against a brute-force
+"""dam.runtime.eval.recall: measured recall/density of the layouts run, against a brute-force
 float64 computation from the same queries, keys and layouts on tiny random models."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 import dam.runtime as rt
 from dam.compiler import MaskProgram
 from dam.kernels import BlockLayout
-from dam.runtime.recall import block_mass, measure_recall, top1_agreement
+from dam.runtime.eval.recall import block_mass, measure_recall, top1_agreement
 
-from ._helpers import MIXED_PROGRAMS, make_artifact, tiny_model
+from .._helpers import MIXED_PROGRAMS, make_artifact, tiny_model
 
 F64 = dict(rtol=1e-9, atol=1e-9)
 # float32 softmax summed in float64 vs a float64 brute force: a few fp32 eps per row sum

@@ -18,7 +18,6 @@ Medians of ``repeats`` runs after ``warmup`` runs; the ratios (dense / DAM) come
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -28,9 +27,9 @@ import torch
 
 from dam.compiler import Artifact
 
-from . import _kernels
-from .errors import DamRuntimeError
-from .integration import apply
+from .. import _kernels
+from ..errors import DamRuntimeError
+from ..integration import apply
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +236,7 @@ class _NullAttention:
     def __init__(self, model) -> None:
         from transformers import AttentionInterface
 
-        from .integration import _configs
+        from ..integration import _configs
 
         AttentionInterface.register(self.NAME, _null_attention)
         self.configs = _configs(model)
@@ -271,9 +270,7 @@ def _effective_density(model, artifact, config: BenchConfig, ids: torch.Tensor) 
     plan_s = [0.0]
     seen: dict[int, float] = {}
     try:
-        thr = h.config.dense_threshold(dev, dtype, n)
-        dense = {layer for layer in range(L) if h._all_dense[layer] or n < h.config.min_length
-                 or h.planner(layer, dev).density_bound(n, n) > thr}
+        dense = {layer for layer in range(L) if not h.runs_sparse(layer, n, n, dev, dtype)}
         wrapped: set[int] = set()
         for layer in range(L):
             p = h.planner(layer, dev)
@@ -325,33 +322,12 @@ def _decode_run(model, cache, last_token: torch.Tensor, n_prompt: int, steps: in
 
 
 def _capture_qkv(model, handle, layer: int, ids: torch.Tensor):
-    """(q, k, v, planned layout) of ``layer`` from one DAM forward (post-RoPE q/k, v as used)."""
-    got: dict = {}
-    mod = handle._modules[layer]
-
-    def on_layout(li, q, k, layout):
-        if li == layer:
-            got["q"], got["k"], got["layout"] = q.clone(), k.clone(), layout
-        return layout
-
-    def on_v(_m, _inp, out):
-        got["v_raw"] = out.detach().clone()
-
-    h = mod.v_proj.register_forward_hook(on_v)
-    handle.layout_hook = on_layout
-    try:
-        with torch.no_grad():
-            model(ids, use_cache=False)
-    finally:
-        handle.layout_hook = None
-        h.remove()
-    if "q" not in got:
+    """(q, k, v, scale, planned layout) of ``layer`` from one DAM forward (post-RoPE q/k)."""
+    with handle.capture(layer) as got, torch.no_grad():
+        model(ids, use_cache=False)
+    if "layout" not in got:
         raise DamRuntimeError(f"layer {layer} ran no block-sparse call (is the length below min_length?)")
-    q = got["q"]
-    Bt, N = ids.shape
-    D = q.shape[-1]
-    v = got["v_raw"].view(Bt, N, -1, D).transpose(1, 2).contiguous()
-    return q, got["k"], v, got["layout"]
+    return got["q"], got["k"], got["v"], got["scale"], got["layout"]
 
 
 def bench(
@@ -429,13 +405,12 @@ def bench(
         density, n_dense, plan_s = _effective_density(model, artifact, config, ids)
         # attention only: one layer's call as the runtime makes it (dense rule, plan, kernel)
         with apply(model, artifact, backend=config.backend, min_length=1, last_query=config.last_query) as h:
-            q, k, v, layout = _capture_qkv(model, h, layer, ids)
-            mod = h._modules[layer]
-            scale = float(getattr(mod, "scaling", 1.0 / math.sqrt(q.shape[-1])))
+            h.layout_hook = lambda _layer, _q, _k, layout: layout  # every layer plans: none runs dense
+            q, k, v, scale, layout = _capture_qkv(model, h, layer, ids)
         h_run = _apply(model, artifact, config)
         try:
             def dam_attn(q=q, k=k, v=v, scale=scale, h_run=h_run):
-                return h_run._attend(layer, q, k, v, None, scale, None)
+                return h_run.attend(layer, q, k, v, scale)
 
             def dense_attn(q=q, k=k, v=v, scale=scale):
                 return _kernels.dense_attention(q, k, v, scale=scale)

@@ -16,15 +16,13 @@ row). Imports only torch and dam (runtime rules).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
 from dam.compiler import Artifact, MaskProgram
 from dam.kernels import BlockLayout
 
-from .errors import DamRuntimeError
+from ..errors import DamRuntimeError
 from .recall import block_mass
 
 
@@ -83,10 +81,6 @@ def streaming_artifact(like: Artifact, length: int, density: float, block_size: 
                     metadata=meta)
 
 
-def _scale(module, D: int) -> float:
-    return float(getattr(module, "scaling", 1.0 / math.sqrt(D)))
-
-
 class OracleHook:
     """``layout_hook`` giving, per input and head, the fewest heaviest blocks reaching ``target_recall``.
 
@@ -107,7 +101,7 @@ class OracleHook:
             raise DamRuntimeError("the oracle baseline runs batch 1")
         B = layout.block_m
         nq, nk = q.shape[2], k.shape[2]
-        scale = _scale(self.handle._modules[layer], q.shape[-1])
+        scale = self.handle.scaling(layer)
         mass = block_mass(q, k, scale, B, self.max_elements)[0]  # [H, nqb, nkb] float64
         return BlockLayout.from_block_mask(oracle_mask(mass, nq, nk, B, self.target_recall)[None].to(q.device), B, B)
 
@@ -161,7 +155,7 @@ class MInferenceHook:
         if q.shape[0] != 1:
             raise DamRuntimeError("the MInference-style baseline runs batch 1")
         B = layout.block_m
-        scale = _scale(self.handle._modules[layer], q.shape[-1])
+        scale = self.handle.scaling(layer)
         mask = minference_mask(q, k, scale, B, self.density, self.last_q)
         return BlockLayout.from_block_mask(mask[None].to(q.device), B, B)
 
@@ -238,7 +232,7 @@ class ElementVSHook:
         self.last_q = int(last_q)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, layout: BlockLayout) -> BlockLayout:
-        from .estimate import last_query_scores, select_blocks
+        from ..estimate import last_query_scores, select_blocks
 
         if q.shape[0] != 1:
             raise DamRuntimeError("the element vertical-slash baseline runs batch 1")
@@ -247,7 +241,7 @@ class ElementVSHook:
         causal = causal_block_mask(nq, nk, B, q.device)
         cur = _base_mask(nq, nk, B, q.device)[None, None].expand(1, H, -1, -1)
         heads = torch.arange(H, device=q.device)
-        vert, slash = last_query_scores(q, k, heads, self.last_q, _scale(self.handle._modules[layer], q.shape[-1]))
+        vert, slash = last_query_scores(q, k, heads, self.last_q, self.handle.scaling(layer))
         total = float(causal.sum()) * H
 
         def run(frac: float) -> torch.Tensor:

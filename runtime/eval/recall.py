@@ -27,16 +27,15 @@ Imports only torch and dam (runtime rules).
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
 
 from dam.kernels import BlockLayout
 
-from .errors import DamRuntimeError
-from .integration import DamHandle
-from .planner import static_block_mask
+from ..errors import DamRuntimeError
+from ..integration import DamHandle
+from ..planner import static_block_mask
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +215,7 @@ def measure_recall(
         nq, nk = q.shape[2], k.shape[2]
         if nq != nk:  # chunked prefill / decode: not what this measures
             raise DamRuntimeError("measure_recall measures one-shot prefill (q_len == kv_len)")
-        mod = handle._modules[layer]
-        scale = float(getattr(mod, "scaling", 1.0 / math.sqrt(q.shape[-1])))
+        scale = handle.scaling(layer)
         with torch.no_grad():
             mass = block_mass(q, k, scale, B, max_elements)
             planner = handle.planner(layer, q.device)

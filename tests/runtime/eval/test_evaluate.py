@@ -1,4 +1,4 @@
-"""dam.runtime.evaluate / baselines / bench on tiny random models: metrics against brute-force
+"""dam.runtime.eval.evaluate / baselines / bench on tiny random models: metrics against brute-force
 computations, baselines at the matched density, the oracle at the target recall."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import torch
 
 import dam.runtime as rt
 from dam.compiler import MaskProgram
-from dam.runtime.baselines import (
+from dam.runtime.errors import DamRuntimeError
+from dam.runtime.eval.baselines import (
     MInferenceHook,
     OracleHook,
     causal_block_mask,
@@ -21,18 +22,17 @@ from dam.runtime.baselines import (
     oracle_mask,
     streaming_artifact,
 )
-from dam.runtime.bench import BenchConfig, bench
-from dam.runtime.errors import DamRuntimeError
-from dam.runtime.evaluate import (
+from dam.runtime.eval.bench import BenchConfig, bench
+from dam.runtime.eval.evaluate import (
     EvalConfig,
     EvalSample,
     answer_correct,
     compare_logits,
     evaluate,
 )
-from dam.runtime.recall import block_mass, measure_recall
+from dam.runtime.eval.recall import block_mass, measure_recall
 
-from ._helpers import MIXED_PROGRAMS, make_artifact, tiny_model
+from .._helpers import MIXED_PROGRAMS, make_artifact, tiny_model
 
 
 def test_compare_logits_matches_brute_force():
@@ -229,7 +229,7 @@ def test_harness_imports_without_zarr_sklearn_or_profiler():
         "        if name.split('.')[0] in ('zarr', 'sklearn') or name.startswith('dam.profiler'):\n"
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import dam.runtime.evaluate, dam.runtime.baselines, dam.runtime.bench\n"
+        "import dam.runtime.eval.evaluate, dam.runtime.eval.baselines, dam.runtime.eval.bench\n"
         "print('ok')\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -2,7 +2,7 @@
 
 ``evaluate(model, artifacts, samples, config)`` runs, per sample (``input_ids [N]``, optionally an
 answer span), one dense forward and one forward per method, each method's through
-:func:`dam.runtime.recall.measure_recall` (so recall and density are *measured* on the layouts
+:func:`dam.runtime.eval.recall.measure_recall` (so recall and density are *measured* on the layouts
 the runtime really ran) and reports:
 
 * fidelity (text samples): top-1 next-token agreement with dense, mean KL(dense || method) per
@@ -15,11 +15,10 @@ the runtime really ran) and reports:
   greedy decoding would emit exactly the answer;
 * recall / density per layer and head (means in the table, ``[L]`` profiles in the JSON).
 
-Methods, at DAM's measured block density on the same input:
-``dam`` (the artifact), ``streaming`` (sink + window, :func:`baselines.streaming_artifact`),
-``oracle`` (per input and head, heaviest true-mass blocks reaching DAM's measured recall on that
-input), ``minference`` (vertical + slash from the last queries), and any other named artifact
-passed in (``dam-paper``). ``dense`` is always run (it is the reference).
+Methods come from the registry (:mod:`dam.runtime.eval.methods`): ``dam`` (the artifact), the
+baselines at DAM's measured block density on the same input (``streaming``, ``oracle``,
+``minference``, ``element``), parameterised variants (``dam:last_query=0.1``) and any other named
+artifact passed in (``dam-paper``). ``dense`` is always run (it is the reference).
 
 No profiler, zarr or scikit-learn here: the caller supplies token tensors and artifacts.
 """
@@ -36,15 +35,15 @@ import torch
 
 from dam.compiler import Artifact
 
-from .baselines import MInferenceHook, OracleHook, streaming_artifact
-from .errors import DamRuntimeError
-from .integration import apply
+from ..errors import DamRuntimeError
+from ..integration import apply
+from . import methods as registry
 from .recall import measure_recall
 
 log = logging.getLogger(__name__)
 
 TASKS = ("fidelity", "passkey", "kv-retrieval", "recall")
-RUNTIME_METHODS = ("streaming", "oracle", "minference")
+#: what ``dam eval`` runs by default
 METHODS = ("dam", "streaming", "oracle", "minference", "dam-paper")
 
 
@@ -53,11 +52,11 @@ class EvalConfig:
     """What ``evaluate`` runs.
 
     Attributes:
-        methods: method names; ``dam`` is required (the others are matched to it). Names that are
-            not runtime modes (``streaming``, ``oracle``, ``minference``) must be artifacts.
+        methods: method names (:func:`dam.runtime.eval.methods.parse`); ``dam`` is required (the
+            baselines are matched to it); a name that is not a registered method must be a given
+            artifact.
         tasks: subset of :data:`TASKS` (what the report shows; recall is always measured).
         backend: kernel backend for :func:`dam.runtime.apply`.
-        minference_last_q: queries the MInference-style estimate looks at.
         max_elements: scores per chunk when computing exact attention mass.
         last_query: DAM's last-query estimate budget (``None``: the artifact's default; see
             :class:`dam.runtime.RuntimeConfig`). Artifact baselines keep their own default.
@@ -66,7 +65,6 @@ class EvalConfig:
     methods: tuple[str, ...] = ("dam", "streaming", "oracle", "minference")
     tasks: tuple[str, ...] = TASKS
     backend: str = "auto"
-    minference_last_q: int = 64
     max_elements: int = 1 << 24
     last_query: float | None = None
 
@@ -80,8 +78,8 @@ class EvalConfig:
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks:
             raise DamRuntimeError(f"unknown tasks {bad}; choose from {', '.join(TASKS)}")
-        if self.minference_last_q < 1 or self.max_elements < 1:
-            raise DamRuntimeError("minference_last_q and max_elements must be positive")
+        if self.max_elements < 1:
+            raise DamRuntimeError("max_elements must be positive")
 
 
 @dataclass(frozen=True)
@@ -128,6 +126,7 @@ class MethodResult:
     layer_density: list[float] = field(default_factory=list)
     layer_recall: list[float] = field(default_factory=list)
     head_density: list[list[float]] = field(default_factory=list)
+    logits: torch.Tensor | None = field(default=None, repr=False)  # while scoring; not reported
 
 
 @dataclass
@@ -181,7 +180,7 @@ class EvalReport:
     def to_json(self) -> dict:
         return {"schema": "dam.eval/1", "methods": list(self.methods), "tasks": list(self.tasks),
                 "skipped": dict(self.skipped), "rows": self.rows(),
-                "runs": [{k: v for k, v in r.__dict__.items() if k not in ("head_density",)}
+                "runs": [{k: v for k, v in r.__dict__.items() if k not in ("head_density", "logits")}
                          for r in self.results]}
 
     def format_table(self) -> str:
@@ -275,72 +274,65 @@ def evaluate(
     """
     if "dam" not in artifacts:
         raise DamRuntimeError("evaluate needs artifacts['dam']")
-    for m in config.methods:
-        if m not in RUNTIME_METHODS and m not in artifacts:
-            raise DamRuntimeError(f"method {m!r} is neither a runtime mode ({', '.join(RUNTIME_METHODS)}) "
-                                  "nor a given artifact")
-    dam_art = artifacts["dam"]
+    specs = [registry.parse(m, artifacts) for m in order_methods(config.methods)]
     dev = next(model.parameters()).device
     results: list[MethodResult] = []
-    total = len(samples) * (1 + len(config.methods))
+    total = len(samples) * (1 + len(specs))
     done = 0
-    stream_cache: dict[tuple[int, float], Artifact] = {}
+    cache: dict = {}
     for sample in samples:
         ids = sample.input_ids.to(dev)
         full = torch.cat([ids, torch.tensor(sample.answer_ids, dtype=ids.dtype, device=dev)]) \
             if sample.kind != "text" else ids
-        n = sample.length
         dense_logits = _dense_forward(model, full)
-        base = MethodResult("dense", sample.kind, n)
-        if sample.kind == "text":
-            base.top1, base.kl, base.nll, _ = compare_logits(dense_logits, dense_logits, ids)
-            base.top1_q4, base.kl_q4 = 1.0, 0.0
-        else:
-            base.correct = answer_correct(dense_logits, n, sample.answer_ids)
-        results.append(base)
+        results.append(_score(MethodResult("dense", sample.kind, sample.length), sample, ids, dense_logits,
+                              dense_logits))
         done += 1
         if progress:
             progress(done, total)
-        target: dict[str, float] = {}
-        for m in order_methods(config.methods):  # "dam" first: the others are matched to it
-            art = artifacts.get(m, dam_art)
-            hook = None
-            if m == "streaming":
-                key = (full.numel(), round(target["density"], 6))
-                if key not in stream_cache:
-                    stream_cache[key] = streaming_artifact(dam_art, full.numel(), target["density"])
-                art = stream_cache[key]
-            # the hooks replace the layouts: no estimate to compute under them
-            lq = config.last_query if m == "dam" else 0.0 if m in ("oracle", "minference") else None
-            with apply(model, art, backend=config.backend, min_length=1, last_query=lq) as handle:
-                if m == "oracle":
-                    hook = OracleHook(handle, target["recall"], config.max_elements)
-                elif m == "minference":
-                    hook = MInferenceHook(handle, target["density"], config.minference_last_q)
-                handle.layout_hook = hook
-                rep = measure_recall(model, handle, full[None], keep_logits=True, max_elements=config.max_elements)
-            logits = rep.logits[0]
-            r = MethodResult(m, sample.kind, n, density=rep.mean_density, recall=rep.mean_recall,
-                             static_recall=rep.mean_static_recall,
-                             min_recall=float(rep.recall[rep.measured].min()),
-                             layer_density=rep.density.mean(1).tolist(),
-                             layer_recall=rep.recall.mean(1).tolist(),
-                             head_density=rep.density.tolist())
-            if m == "dam":
-                target = {"density": r.density, "recall": min(r.recall, 1.0)}
-            if sample.kind == "text":
-                r.top1, r.kl, r.nll, _ = compare_logits(dense_logits, logits, ids)
-                r.top1_q4, r.kl_q4 = compare_tail(dense_logits, logits, ids)
-            else:
-                r.correct = answer_correct(logits, n, sample.answer_ids)
-            log.info("%s %s N=%d: density %.4f recall %.4f top1 %s", m, sample.kind, n, r.density, r.recall,
-                     f"{r.top1:.4f}" if r.top1 is not None else "-")
-            results.append(r)
-            del logits, rep
+        ctx = registry.RunContext(artifacts, full.numel(), max_elements=config.max_elements,
+                                  last_query=config.last_query, cache=cache)
+        for spec in specs:  # "dam" first: the baselines are matched to it
+            r = run_method(model, spec, ctx, full, config)
+            r.kind, r.length = sample.kind, sample.length
+            if spec.name == "dam":
+                ctx = registry.RunContext(artifacts, full.numel(), r.density, min(r.recall, 1.0),
+                                          config.max_elements, config.last_query, cache)
+            results.append(_score(r, sample, ids, dense_logits, r.logits))
+            r.logits = None
+            log.info("%s %s N=%d: density %.4f recall %.4f top1 %s", spec.name, sample.kind, sample.length,
+                     r.density, r.recall, f"{r.top1:.4f}" if r.top1 is not None else "-")
             done += 1
             if progress:
                 progress(done, total)
     return EvalReport(results, tuple(order_methods(config.methods)), config.tasks)
+
+
+def run_method(model: torch.nn.Module, spec: registry.MethodSpec, ctx: registry.RunContext, input_ids: torch.Tensor,
+               config: EvalConfig) -> MethodResult:
+    """One forward of ``input_ids [N]`` with the method applied: the density and recall it ran,
+    measured on its layouts (:func:`measure_recall`), and its logits (in ``.logits``)."""
+    p = registry.plan(spec, ctx)
+    with apply(model, p.artifact, backend=config.backend, min_length=1, last_query=p.last_query) as handle:
+        handle.layout_hook = p.hook(handle) if p.hook is not None else None
+        rep = measure_recall(model, handle, input_ids[None], keep_logits=True, max_elements=config.max_elements)
+    r = MethodResult(spec.name, "text", input_ids.numel(), density=rep.mean_density, recall=rep.mean_recall,
+                     static_recall=rep.mean_static_recall, min_recall=float(rep.recall[rep.measured].min()),
+                     layer_density=rep.density.mean(1).tolist(), layer_recall=rep.recall.mean(1).tolist(),
+                     head_density=rep.density.tolist())
+    r.logits = rep.logits[0]
+    return r
+
+
+def _score(r: MethodResult, sample: EvalSample, ids: torch.Tensor, dense_logits: torch.Tensor,
+           logits: torch.Tensor) -> MethodResult:
+    """Fill ``r``'s fidelity (text) or answer correctness (retrieval) against dense."""
+    if sample.kind == "text":
+        r.top1, r.kl, r.nll, _ = compare_logits(dense_logits, logits, ids)
+        r.top1_q4, r.kl_q4 = compare_tail(dense_logits, logits, ids)
+    else:
+        r.correct = answer_correct(logits, sample.length, sample.answer_ids)
+    return r
 
 
 def order_methods(methods: Sequence[str]) -> list[str]:
@@ -412,5 +404,5 @@ def plot_report(rows: list[dict], out_dir: str, prefix: str = "eval") -> list[st
     return paths
 
 
-__all__ = ["METHODS", "RUNTIME_METHODS", "TASKS", "EvalConfig", "EvalReport", "EvalSample", "MethodResult",
-           "answer_correct", "compare_logits", "compare_tail", "evaluate", "plot_report"]
+__all__ = ["METHODS", "TASKS", "EvalConfig", "EvalReport", "EvalSample", "MethodResult",
+           "answer_correct", "compare_logits", "compare_tail", "evaluate", "plot_report", "run_method"]
