@@ -180,8 +180,9 @@ def main() -> None:
         ref[str(length)] = {"sink_window_on_input": float(np.mean(vals)),
                             "oracle_at_target": float(np.mean(vals_o))}
     results["reference_at_target_recall"] = ref
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    from dam.runtime.eval.record import write_result
+
+    write_result(args.out, results, dtype="float32", device="cpu")
     log.info("wrote %s", args.out)
     print(json.dumps({k: {"compile_s": v["compile_seconds"], **{
         L: {m: round(x[m], 4) for m in ("recall", "static_recall", "density", "oracle_density",

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import statistics
 import time
@@ -34,7 +33,7 @@ import torch
 from dam.compiler import load_artifact
 from dam.profiler import parse_length
 from dam.runtime import _kernels
-from dam.runtime.bench import run_facts
+from dam.runtime.eval.record import write_result
 from dam.runtime.planner import Planner
 
 log = logging.getLogger("bench_decode")
@@ -121,10 +120,8 @@ def main() -> None:
                                     else str(args.artifact), "Hq": art.num_heads, "Hkv": args.kv_heads,
                                     "D": args.head_dim, "block": block, "threads": args.threads,
                                     "rounds": args.rounds, "statistic": "median of interleaved rounds"},
-           "figure_kind": "CPU figure (no GPU used)",
-           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **run_facts()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2))
+           }
+    write_result(args.out, res, dtype=args.dtypes, device="cpu")
     log.info("-> %s", args.out)
 
 

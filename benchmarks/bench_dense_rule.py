@@ -17,7 +17,6 @@ Writes ``benchmarks/results/dense_rule_<model>_<dtype>.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import time
@@ -30,7 +29,7 @@ from dam.kernels import cpu_flex
 from dam.profiler import load_model, parse_length
 from dam.profiler.data import calibration_samples
 from dam.runtime import DamHandle, RuntimeConfig, _kernels
-from dam.runtime.bench import run_facts
+from dam.runtime.eval.record import write_result
 
 log = logging.getLogger("bench_dense_rule")
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,12 +110,9 @@ def main() -> None:
         log.info("N=%d: sparse/dense ~ %.3f + %.3f * bound -> break-even bound %s", n, icpt, slope,
                  "none" if even is None else f"{even:.3f}")
     out = args.out or ROOT / "benchmarks" / "results" / f"dense_rule_{args.model}_{args.dtype}.json"
-    out.write_text(json.dumps({"results": results, "model": args.model, "dtype": args.dtype,
-                               "artifact": str(args.artifact), "rounds": args.rounds,
-                               "cpu_kernel": {"flex_mode": cpu_flex.mode(), "flex_ready": cpu_flex.ready_signatures()},
-                               "figure_kind": "CPU figure (no GPU used)",
-                               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **run_facts()},
-                              indent=2))
+    write_result(out, {"results": results, "model": args.model, "artifact": str(args.artifact), "rounds": args.rounds,
+                       "cpu_kernel": {"flex_mode": cpu_flex.mode(), "flex_ready": cpu_flex.ready_signatures()}},
+                 dtype=args.dtype, device="cpu")
     log.info("-> %s", out)
 
 

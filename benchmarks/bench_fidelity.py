@@ -1,7 +1,7 @@
 """Predicted vs measured recall of a DAM artifact, per head, and top-1 agreement with dense.
 
 For each held-out prompt (text the profile never saw): one dense forward (logits) and one DAM
-forward through ``dam.runtime.recall.measure_recall``, which scores the layout every layer really
+forward through ``dam.runtime.eval.recall.measure_recall``, which scores the layout every layer really
 ran (static programs + dynamic blocks from pooled q.k) against the exact attention of that
 input. Reported per head: the artifact's predicted ``recall`` (compiler, calibration data) vs the
 measured recall, the static-only recall, the recall a mass-ranked (oracle) selector would reach
@@ -25,7 +25,6 @@ With ``--profile STORE`` (and no ``--artifact``) it compiles the artifact itself
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -51,7 +50,7 @@ def _dyn(art) -> np.ndarray:
 
 def evaluate(model, tok, art, ids: torch.Tensor, last: int, min_length: int, backend: str) -> dict:
     import dam.runtime as rt
-    from dam.runtime.recall import measure_recall, top1_agreement
+    from dam.runtime.eval.recall import measure_recall, top1_agreement
 
     t = time.perf_counter()
     with torch.no_grad():
@@ -179,10 +178,11 @@ def main() -> None:
         prompts.append(r)
     res = {"args": vars(args), "artifact": {"figures": art.metadata["figures"], "compile": art.metadata["compile"],
                                             "calibration": art.metadata.get("calibration")},
-           "prompts": prompts, "device": "cpu", "torch": torch.__version__}
+           "prompts": prompts}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
+        from dam.runtime.eval.record import write_result
+
+        write_result(args.out, res, dtype="float32", device="cpu")
         log.info("wrote %s", args.out)
 
 

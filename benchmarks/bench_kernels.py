@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import time
 from functools import partial
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from dam.kernels import BlockLayout, block_sparse_attention, block_sparse_decode, cpu_flex
 from dam.kernels.cpu import attention_cpu
 from dam.kernels.synthetic import element_density, flex_block_mask, gqa_mask, realistic_mask
-from dam.runtime.bench import run_facts
+from dam.runtime.eval.record import write_result
 
 log = logging.getLogger("bench_kernels")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -244,41 +243,24 @@ def main() -> None:
     if args.replot is not None:
         plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
         return
-    device = f"CPU: {platform.processor() or platform.machine()} ({_cpu_name()})"
-    if True:
-        for name in args.dtypes.split(","):
-            load_before = os.getloadavg()
-            res = cpu_benchmark(args.quick, args.threads, getattr(torch, name.strip()), args.full)
-            # other processes on a shared machine: worker threads suffer most from oversubscription
-            res["loadavg_1_5_15"] = {"before": load_before, "after": os.getloadavg()}
-            res["env"] = {v: os.environ.get(v) for v in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
-                                                         "OMP_NUM_THREADS")}
-            kind = f"CPU figure (no GPU used, {args.threads} thread{'s' if args.threads > 1 else ''})"
-            stem = f"kernels_cpu_{name.strip()}" + ("" if args.threads == 2 else f"_{args.threads}thread") \
-                + ("_full" if args.full else "")
-            _write(res, args, device, kind, stem)
+    for name in args.dtypes.split(","):
+        load_before = os.getloadavg()
+        res = cpu_benchmark(args.quick, args.threads, getattr(torch, name.strip()), args.full)
+        # other processes on a shared machine: worker threads suffer most from oversubscription
+        res["loadavg_1_5_15"] = {"before": load_before, "after": os.getloadavg()}
+        res["env"] = {v: os.environ.get(v) for v in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
+        kind = f"CPU figure (no GPU used, {args.threads} thread{'s' if args.threads > 1 else ''})"
+        stem = f"kernels_cpu_{name.strip()}" + ("" if args.threads == 2 else f"_{args.threads}thread") \
+            + ("_full" if args.full else "")
+        _write(res, args, kind, stem)
 
 
-def _write(res: dict, args, device: str, kind: str, stem: str) -> None:
+def _write(res: dict, args, kind: str, stem: str) -> None:
     if args.quick:
         stem += "_quick"
-    res.update(device=device, figure_kind=kind,
-               date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               **run_facts())
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2))
+    write_result(args.out / f"{stem}.json", res, dtype=res.get("dtype"), device="cpu", figure_kind=kind)
     plot(res, args.out / f"{stem}.png")
-    log.info("%s on %s -> %s.{json,png}", kind, device, args.out / stem)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+    log.info("%s -> %s.{json,png}", kind, args.out / stem)
 
 
 if __name__ == "__main__":

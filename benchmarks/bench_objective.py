@@ -17,10 +17,6 @@ The store must hold ``block_err`` (written by ``dam profile`` since the value-aw
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import platform
-import time
 
 import torch
 
@@ -34,41 +30,12 @@ VARIANTS = {
 }
 
 
+KEYS = ("density", "top1", "kl", "dppl", "top1_q4", "kl_q4")
+
+
 def _len(s: str) -> int:
     s = s.strip().lower()
     return int(s[:-1]) * 1024 if s.endswith("k") else int(s)
-
-
-def run_method(model, art, ids: torch.Tensor, dense_logits: torch.Tensor, make_hook=None, **apply_kwargs) -> dict:
-    """One forward with ``art`` applied: density it ran, and fidelity against ``dense_logits``.
-    ``make_hook(handle)`` may return a ``layout_hook`` that replaces the planned layouts;
-    ``apply_kwargs`` go to :func:`dam.runtime.apply` (e.g. ``last_query``)."""
-    from dam.runtime import apply
-    from dam.runtime.baselines import causal_block_mask
-    from dam.runtime.evaluate import compare_logits, compare_tail
-
-    n = ids.numel()
-    B = art.block_size
-    causal = float(causal_block_mask(n, n, B).sum())
-    dens = []
-
-    with apply(model, art, backend="cpu", min_length=1, **apply_kwargs) as h:
-        inner = make_hook(h) if make_hook is not None else None
-
-        def observe(layer, q, k, layout):  # the layout every layer really ran
-            if inner is not None:
-                layout = inner(layer, q, k, layout)
-            dens.append(float(layout.kv_counts[0].sum(-1).double().mean()) / causal)
-            return layout
-
-        h.layout_hook = observe
-        t = time.perf_counter()
-        logits = model(ids[None]).logits[0]
-        wall = time.perf_counter() - t
-    top1, kl, nll, dnll = compare_logits(dense_logits, logits, ids)
-    top1_q4, kl_q4 = compare_tail(dense_logits, logits, ids)
-    return {"density": sum(dens) / len(dens), "top1": top1, "kl": kl, "dppl": math.exp(nll - dnll) - 1.0,
-            "top1_q4": top1_q4, "kl_q4": kl_q4, "wall_s": wall}
 
 
 def main() -> None:
@@ -87,7 +54,8 @@ def main() -> None:
 
     from dam.compiler import CompileConfig, compile_profile, read_profile
     from dam.profiler import calibration_samples, load_model
-    from dam.runtime.baselines import streaming_artifact
+    from dam.runtime.eval import EvalConfig, EvalSample, evaluate
+    from dam.runtime.eval.record import write_result
 
     n = _len(a.length)
     target = _len(a.target_length) if a.target_length else n
@@ -98,27 +66,19 @@ def main() -> None:
     torch.set_grad_enabled(False)
     prof = read_profile(a.profile)
     model, tok = load_model(a.model)
-    xs = calibration_samples(a.data, tok, n, a.samples, seed=0, start=a.start)
-    dense = [model(x[None]).logits[0] for x in xs]
-    out = {"args": vars(a), "device": "cpu", "torch": torch.__version__, "platform": platform.platform(),
-           "threads": torch.get_num_threads(), "variants": {}}
+    samples = [EvalSample("text", x) for x in calibration_samples(a.data, tok, n, a.samples, seed=0, start=a.start)]
+    cfg = EvalConfig(methods=("dam", "streaming"), tasks=("fidelity",), backend="cpu")
+    out = {"args": vars(a), "variants": {}}
     for name in names:
-        cfg = CompileConfig(recall=a.recall, target_length=target, **VARIANTS[name])
-        art = compile_profile(prof, cfg).artifact
-        runs = []
-        for x, dl in zip(xs, dense, strict=True):
-            dam = run_method(model, art, x, dl)
-            stream = run_method(model, streaming_artifact(art, n, dam["density"]), x, dl)
-            runs.append({"dam": dam, "streaming": stream})
-        mean = {m: {k: sum(r[m][k] for r in runs) / len(runs) for k in runs[0][m]} for m in ("dam", "streaming")}
-        out["variants"][name] = {"compile": VARIANTS[name], "figures": art.metadata["figures"], "runs": runs,
-                                 "mean": mean}
+        art = compile_profile(prof, CompileConfig(recall=a.recall, target_length=target, **VARIANTS[name])).artifact
+        rows = {r["method"]: r for r in evaluate(model, {"dam": art}, samples, cfg).rows()}
+        mean = {m: {k: rows[m][k] for k in KEYS} for m in ("dam", "streaming")}
+        out["variants"][name] = {"compile": VARIANTS[name], "figures": art.metadata["figures"], "mean": mean}
         for m in ("dam", "streaming"):
             r = mean[m]
             print(f"{name:18s} {m:9s} density {r['density']:.4f} top1 {r['top1']:.4f} kl {r['kl']:.5f} "
                   f"dppl {r['dppl']:+.2%} | last quarter: top1 {r['top1_q4']:.4f} kl {r['kl_q4']:.5f}", flush=True)
-        with open(a.out, "w", encoding="utf-8") as fh:  # after every variant: nothing lost on interruption
-            json.dump(out, fh, indent=1)
+        write_result(a.out, out, dtype="float32", device="cpu")  # after every variant: nothing lost
     print("wrote", a.out)
 
 

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from dam.compiler import load_artifact
 from dam.kernels import cpu_flex
 from dam.runtime import Planner, RuntimeConfig
-from dam.runtime.bench import run_facts
 from dam.runtime.estimate import last_query_mask
+from dam.runtime.eval.record import write_result
 from dam.runtime.planner import dynamic_indices
 
 
@@ -94,11 +94,9 @@ def main() -> None:
                            "sdpa_s_mean": statistics.mean(r["sdpa_s"] for r in sel)}
     print(json.dumps(summary, indent=1))
     if args.out:
-        meta = dict(run_facts(), artifact=args.artifact, dtype=args.dtype, device="cpu", rounds=args.rounds,
-                    last_query=frac, last_query_queries=nlast, date=time.strftime("%Y-%m-%d"),
-                    compiled=cpu_flex.mode())
-        with open(args.out, "w") as fh:
-            json.dump(dict(meta=meta, summary=summary, rows=rows), fh, indent=1)
+        write_result(args.out, {"summary": summary, "rows": rows}, dtype=args.dtype, device="cpu",
+                     artifact=str(args.artifact), rounds=args.rounds, last_query=frac, last_query_queries=nlast,
+                     compiled=cpu_flex.mode())
 
 
 if __name__ == "__main__":

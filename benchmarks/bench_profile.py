@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -120,15 +119,13 @@ def main() -> None:
               f"(cpu {summary[str(n)]['capture_over_plain_cpu_time']:.2f}x), "
               f"capture/decoder {summary[str(n)]['capture_over_plain_decoder_time']:.2f}x, "
               f"peak RSS +{summary[str(n)]['capture_minus_plain_peak_rss_mib']:.0f} MiB")
-    doc = {"benchmark": "bench_profile", "model": "smollm2-135m (float32, CPU)",
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                       "python": platform.python_version()},
+    from dam.runtime.eval.record import write_result
+
+    doc = {"benchmark": "bench_profile", "model": "smollm2-135m",
            "threads": a.threads or "torch default", "repeats": a.repeats, "rounds": a.rounds,
-           "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "note": "measured while other jobs shared the machine unless stated otherwise",
            "summary": summary, "runs": results}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(doc, indent=2))
+    write_result(a.out, doc, dtype="float32", device="cpu", cpus=os.cpu_count())
     print(f"wrote {a.out}")
 
 

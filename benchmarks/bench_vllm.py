@@ -50,7 +50,7 @@ def main() -> None:
     from dam.profiler import load_model
     from dam.profiler.data import calibration_samples
     from dam.profiler.models import converted_dir
-    from dam.runtime.bench import run_facts
+    from dam.runtime.eval.record import write_result
 
     lengths = [_len(x) for x in args.lengths.split(",")]
     blen = _len(args.batch_length)
@@ -100,9 +100,8 @@ def main() -> None:
     if args.out:
         import vllm
 
-        meta = dict(run_facts(), vllm=vllm.__version__, artifact=args.artifact, dtype="bfloat16", device="cpu",
-                    repeats=args.repeats, engine=engine, date=time.strftime("%Y-%m-%d"))
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        write_result(args.out, {"rows": rows}, dtype="bfloat16", device="cpu", vllm=vllm.__version__,
+                     artifact=str(args.artifact), repeats=args.repeats, engine=engine)
 
 
 if __name__ == "__main__":

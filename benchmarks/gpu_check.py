@@ -50,6 +50,7 @@ class Check:
     def __init__(self, out: Path, budget: float, smoke: bool) -> None:
         self.out, self.smoke, self.t0, self.budget = out, smoke, time.monotonic(), budget
         self.sections: dict[str, list[dict]] = {}
+        self.meta: dict | None = None
         out.mkdir(parents=True, exist_ok=True)
 
     def left(self) -> float:
@@ -57,10 +58,13 @@ class Check:
 
     def record(self, section: str, row: dict) -> None:
         self.sections.setdefault(section, []).append(row)
-        facts = {"section": section, "smoke": self.smoke, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                 "command": "benchmarks/gpu_check.sh " + " ".join(sys.argv[1:])}
-        (self.out / f"{section}.json").write_text(json.dumps({"meta": facts, "rows": self.sections[section]},
-                                                             indent=1, default=str))
+        from dam.runtime.eval.record import provenance, write_result
+
+        if self.meta is None:
+            self.meta = provenance("benchmarks/gpu_check.sh " + " ".join(sys.argv[1:]), dtype="bfloat16",
+                                   smoke=self.smoke)
+        write_result(self.out / f"{section}.json", {"rows": self.sections[section]},
+                     meta=dict(self.meta, section=section))
         print(f"[{section}] " + json.dumps(row, default=str), flush=True)
 
     def case(self, section: str, name: str, fn, *, needs_gpu: bool = False) -> None:

@@ -4,7 +4,6 @@ profiler's data sources, baseline artifacts with the compiler, and writing JSON 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ def build_samples(tokenizer, data: str, lengths: Sequence[int], tasks: Sequence[
     import torch
 
     from dam.profiler import calibration_samples, make_kv_retrieval_ids, make_passkey_ids
-    from dam.runtime.evaluate import EvalSample
+    from dam.runtime.eval.evaluate import EvalSample
 
     out = []
     for n in lengths:
@@ -51,13 +50,16 @@ def paper_artifact(store: str, target_length: int | None = None):
 def write_report(report, out_dir: str, meta: dict | None = None, prefix: str = "eval") -> list[str]:
     """``{prefix}.json`` and the PNG plots into ``out_dir``; returns the written paths."""
     os.makedirs(out_dir, exist_ok=True)
+    import sys
+
+    from dam.runtime.eval.evaluate import plot_report
+    from dam.runtime.eval.record import write_result
+
     data = report.to_json()
-    if meta:
-        data["meta"] = meta
+    meta = dict(meta or {})
     path = os.path.join(out_dir, f"{prefix}.json")
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1, allow_nan=True)
-    from dam.runtime.evaluate import plot_report
+    write_result(path, data, command="dam " + " ".join(sys.argv[1:]), dtype=meta.pop("dtype", None),
+                 device=meta.pop("device", None), **meta)
 
     return [path, *plot_report(data["rows"], out_dir, prefix)]
 

@@ -33,15 +33,15 @@ from .common import one_line_errors, parse_lengths
 def bench(model, artifact, lengths, data, repeats, warmup, decode_tokens, backend, min_length, decode, last_query,
           device, dtype, out):
     """Time MODEL with DAM's ARTIFACT against dense attention (bf16 where the device runs it natively)."""
-    import json
     import sys
 
     import torch
 
     from dam.compiler import load_artifact
     from dam.profiler import calibration_samples, load_model
-    from dam.runtime.bench import BenchConfig, default_dtype, run_facts
-    from dam.runtime.bench import bench as run
+    from dam.runtime.eval.bench import BenchConfig, default_dtype
+    from dam.runtime.eval.bench import bench as run
+    from dam.runtime.eval.record import write_result
 
     from ._pipeline import tqdm_progress
 
@@ -62,8 +62,6 @@ def bench(model, artifact, lengths, data, repeats, warmup, decode_tokens, backen
         close()
     click.echo(report.format_table())
     if out:
-        data_out = report.to_json()
-        data_out["meta"] = {"model": model, "artifact": artifact, "data": data, **run_facts("dam " + " ".join(sys.argv[1:]))}
-        with open(out, "w", encoding="utf-8") as fh:
-            json.dump(data_out, fh, indent=1)
+        write_result(out, report.to_json(), command="dam " + " ".join(sys.argv[1:]), dtype=dtype, device=device,
+                     model=model, artifact=artifact, data=data)
         click.echo(f"wrote {out}")

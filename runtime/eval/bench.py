@@ -462,30 +462,4 @@ def _build_kernels(model, artifact, config: BenchConfig, ids: torch.Tensor) -> N
     cpu_flex.wait_for_builds()
 
 
-def run_facts(command: str | None = None) -> dict:
-    """What a recorded result needs besides its figures: the command (default: this process's
-    ``python`` command line), the commit, the versions and the machine."""
-    import platform
-    import subprocess
-    import sys
-
-    import torch
-    import transformers
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=False).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"command": command or "python " + " ".join(sys.argv), "commit": commit, "torch": torch.__version__,
-            "transformers": transformers.__version__, "cpu": cpu, "threads": torch.get_num_threads(),
-            "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-__all__ = ["BenchConfig", "BenchReport", "BenchRow", "bench", "cpu_has_bf16", "default_dtype", "run_facts"]
+__all__ = ["BenchConfig", "BenchReport", "BenchRow", "bench", "cpu_has_bf16", "default_dtype"]

@@ -87,7 +87,7 @@ def test_bench_command(tiny_dir, tmp_path):
         "--decode-tokens", "2", "--min-length", "1", "--backend", "cpu", "--device", "cpu", "--last-query", "0.1",
         "--out", str(out)])
     assert r.exit_code == 0, r.output
-    from dam.runtime.bench import default_dtype
+    from dam.runtime.eval.bench import default_dtype
 
     want = default_dtype("cpu")  # bf16 on a CPU with native bf16, else float32
     assert "prefill dense" in r.output and f"cpu, {want}" in r.output and f"dtype {want} (auto" in r.output
