@@ -17,8 +17,9 @@ from .common import one_line_errors, parse_lengths
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0))
 @click.option("--decode-tokens", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--backend", type=click.Choice(["auto", "triton", "cpu"]), default="auto", show_default=True)
-@click.option("--min-length", default=1024, show_default=True, type=click.IntRange(min=1),
-              help="Calls attending fewer keys use dense SDPA (as in serving).")
+@click.option("--min-length", default=None, type=click.IntRange(min=1),
+              help="Calls attending fewer keys use dense SDPA, as in serving (default: the runtime's "
+                   "MIN_LENGTH).")
 @click.option("--decode", type=click.Choice(["auto", "sparse", "dense"]), default="auto", show_default=True,
               help="DAM's decode steps: block-sparse, dense SDPA, or auto (where measured faster: on the CPU sparse only for layers without dynamic heads at caches of 24K+; sparse on a GPU).")
 @click.option("--last-query", default=None, type=click.FloatRange(0.0, 1.0),
@@ -50,8 +51,9 @@ def bench(model, artifact, lengths, data, repeats, warmup, decode_tokens, backen
     if dtype == "auto":
         dtype = default_dtype(device)
         click.echo(f"dtype {dtype} (auto for {device}; --dtype float32 to change)")
+    extra = {} if min_length is None else {"min_length": min_length}
     cfg = BenchConfig(repeats=repeats, warmup=warmup, decode_tokens=decode_tokens, backend=backend,
-                      min_length=min_length, decode=decode, last_query=last_query)
+                      decode=decode, last_query=last_query, **extra)
     art = load_artifact(artifact)
     mdl, tok = load_model(model, device=device, dtype=dtype)
     inputs = {n: calibration_samples(data, tok, n, 1, start=64) for n in parse_lengths(lengths)}

@@ -17,8 +17,8 @@ from .common import one_line_errors
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--compare-dense", is_flag=True, help="Also run dense attention; print timings side by side.")
 @click.option("--backend", type=click.Choice(["auto", "triton", "cpu"]), default="auto", show_default=True)
-@click.option("--min-length", default=1024, show_default=True, type=click.IntRange(min=1),
-              help="Calls attending fewer keys use dense SDPA.")
+@click.option("--min-length", default=None, type=click.IntRange(min=1),
+              help="Calls attending fewer keys use dense SDPA (default: the runtime's MIN_LENGTH).")
 @click.option("--device", default="cpu", show_default=True)
 @one_line_errors
 def generate(model, artifact, prompt, prompt_file, max_new_tokens, compare_dense, backend, min_length,
@@ -33,8 +33,9 @@ def generate(model, artifact, prompt, prompt_file, max_new_tokens, compare_dense
     from dam.runtime.generate import GenerateConfig
     from dam.runtime.generate import generate as run
 
+    extra = {} if min_length is None else {"min_length": min_length}
     cfg = GenerateConfig(prompt=prompt, max_new_tokens=max_new_tokens, compare_dense=compare_dense,
-                         backend=backend, min_length=min_length)
+                         backend=backend, **extra)
     mdl, tok = load_model(model, device=device)
     echo = lambda s: click.echo(s, nl=False)
     if compare_dense:

@@ -11,7 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from .ir import ArtifactError, MaskProgram
+from .ir import (
+    LAST_QUERY_QUERIES,
+    ArtifactError,
+    MaskProgram,
+    check_block_size,
+    check_fraction,
+    check_positive_int,
+)
 
 SCHEMA = "dam.artifact/1"
 
@@ -53,10 +60,7 @@ class Artifact:
                 f"head_program indices must lie in [0, {len(progs)}), got [{hp.min()}, {hp.max()}]"
             )
         object.__setattr__(self, "head_program", hp.astype(np.int32))
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, (int, np.integer)) \
-                or self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise ArtifactError(f"block_size must be a power of two >= 16, got {self.block_size!r}")
-        object.__setattr__(self, "block_size", int(self.block_size))
+        object.__setattr__(self, "block_size", check_block_size(self.block_size))
         for name in ("recall", "density", "recall_capture"):
             val = getattr(self, name)
             if val is None:
@@ -80,9 +84,16 @@ class Artifact:
         return self.programs[int(self.head_program[layer, head])]
 
     def runtime_defaults(self) -> tuple[float, int]:
-        """``(last_query, last_query_queries)`` from ``metadata["runtime"]`` (``(0.0, 64)`` when
-        absent), validated: :func:`runtime_defaults`."""
+        """``(last_query, last_query_queries)`` from ``metadata["runtime"]`` (``(0.0,
+        LAST_QUERY_QUERIES)`` when absent), validated: :func:`runtime_defaults`."""
         return runtime_defaults(self.metadata)
+
+    def sliding_windows(self) -> dict[int, int]:
+        """``{layer: window}`` of the model's sliding-window layers (the fingerprint's
+        ``layer_types``; empty for all-full models). Those layers run their exact band."""
+        fp = self.metadata.get("model", {}) if isinstance(self.metadata, dict) else {}
+        types = fp.get("layer_types") or ()
+        return {i: int(fp["sliding_window"]) for i, t in enumerate(types) if t == "sliding_attention"}
 
     def select_heads(self, start: int, stop: int) -> Artifact:
         """The artifact restricted to query heads ``[start, stop)`` (what one tensor-parallel rank
@@ -130,6 +141,15 @@ class Artifact:
             for k in want
             if want[k] is not None and have[k] is not None and int(want[k]) != int(have[k])
         ]
+        want_layout = (fp.get("layer_types"), fp.get("sliding_window"))
+        have_layout = _layer_layout(text_cfg)
+        if tuple(want_layout) != have_layout:
+            def show(t, w):
+                if t is None:
+                    return "every layer full attention"
+                slide = [i for i, x in enumerate(t) if x == "sliding_attention"]
+                return f"sliding-window ({w}) layers {slide}, the rest full"
+            bad.append(f"attention layers: artifact {show(*want_layout)} vs model {show(*have_layout)}")
         if bad:
             name = fp.get("name_or_path", "?")
             raise ArtifactError(
@@ -138,15 +158,25 @@ class Artifact:
             )
 
 
+def _layer_layout(text_cfg: Any) -> tuple[list[str] | None, int | None]:
+    """``(layer_types, sliding_window)`` as a model fingerprint records them: ``(None, None)``
+    when every layer is full attention (``dam.profiler.attention_layer_types`` is the full rule)."""
+    L = getattr(text_cfg, "num_hidden_layers", None)
+    types = getattr(text_cfg, "layer_types", None)
+    window = getattr(text_cfg, "sliding_window", None)
+    if types is None and window and getattr(text_cfg, "use_sliding_window", True) and L:
+        types = ["sliding_attention"] * int(L)
+    types = [str(t) for t in types] if types is not None else None
+    if not types or all(t == "full_attention" for t in types):
+        return None, None
+    return types, int(window) if window else None
+
+
 def runtime_defaults(metadata: Any) -> tuple[float, int]:
     """The run-time defaults an artifact's metadata carries (``"runtime"``: ``last_query`` in
     [0, 1], ``last_query_queries`` >= 1); ArtifactError when they are malformed."""
     rt = metadata.get("runtime", {}) if isinstance(metadata, dict) else {}
     if not isinstance(rt, dict):
         raise ArtifactError("metadata 'runtime' must be an object")
-    lq, nq = rt.get("last_query", 0.0), rt.get("last_query_queries", 64)
-    if isinstance(lq, bool) or not isinstance(lq, (int, float)) or not 0.0 <= lq <= 1.0:
-        raise ArtifactError(f"metadata runtime.last_query must be a fraction in [0, 1], got {lq!r}")
-    if isinstance(nq, bool) or not isinstance(nq, int) or nq < 1:
-        raise ArtifactError(f"metadata runtime.last_query_queries must be a positive int, got {nq!r}")
-    return float(lq), int(nq)
+    return (check_fraction(rt.get("last_query", 0.0), "metadata runtime.last_query"),
+            check_positive_int(rt.get("last_query_queries", LAST_QUERY_QUERIES), "metadata runtime.last_query_queries"))

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .artifact import SCHEMA, Artifact, runtime_defaults
-from .ir import ArtifactError, MaskProgram
+from .ir import ArtifactError, MaskProgram, check_block_size
 
 _PROGRAM_FIELDS = {
     "program.sink": (np.int32, 1),
@@ -284,9 +284,7 @@ def _unpad(name: str, k: int, row: np.ndarray) -> tuple[int, ...]:
 
 
 def _check_metadata(meta: dict[str, Any], L: int, H: int) -> None:
-    bs = meta.get("block_size")
-    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 16 or bs & (bs - 1):
-        raise ArtifactError(f"metadata block_size must be a power of two >= 16, got {bs!r}")
+    check_block_size(meta.get("block_size"), "metadata block_size")
     model = meta.get("model")
     if not isinstance(model, dict):
         raise ArtifactError("metadata lacks the model fingerprint ('model'); recompile the artifact")

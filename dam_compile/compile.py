@@ -23,7 +23,14 @@ from .fit import (
     fit_head_dam_paper,
     fit_head_frontier,
 )
-from .ir import ArtifactError, MaskProgram
+from .ir import (
+    LAST_QUERY_QUERIES,
+    ArtifactError,
+    MaskProgram,
+    check_block_size,
+    check_fraction,
+    check_positive_int,
+)
 from .profile import Profile, read_profile
 
 log = logging.getLogger(__name__)
@@ -82,7 +89,7 @@ class CompileConfig:
     min_head_recall: float = 0.0
     objective: str = "auto"
     last_query: float = 0.0
-    last_query_queries: int = 64
+    last_query_queries: int = LAST_QUERY_QUERIES
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -94,11 +101,8 @@ class CompileConfig:
             raise ArtifactError(f"clusters must be a positive int or 'auto', got {c!r}")
         if not (0.0 <= self.tau <= 1.0) or not (0.0 < self.mu <= 1.0):
             raise ArtifactError(f"tau must lie in [0, 1] and mu in (0, 1], got {self.tau}, {self.mu}")
-        lq, nq = self.last_query, self.last_query_queries
-        if isinstance(lq, bool) or not isinstance(lq, (int, float)) or not 0.0 <= lq <= 1.0:
-            raise ArtifactError(f"last_query must be a fraction in [0, 1], got {lq!r}")
-        if isinstance(nq, bool) or not isinstance(nq, int) or nq < 1:
-            raise ArtifactError(f"last_query_queries must be a positive int, got {nq!r}")
+        check_fraction(self.last_query, "last_query")
+        check_positive_int(self.last_query_queries, "last_query_queries")
         if self.objective not in OBJECTIVES:
             raise ArtifactError(f"unknown objective {self.objective!r}; use one of {OBJECTIVES}")
         if self.allocate not in ALLOCATIONS:
@@ -181,10 +185,11 @@ def compile_profile(
     """
     prof = read_profile(profile) if isinstance(profile, str) else profile
     L, H, B, N = prof.num_layers, prof.num_heads, prof.block_size, prof.length
-    if B < 16 or B & (B - 1):
-        raise ArtifactError(f"profile block size {B} is not a power of two >= 16; re-profile")
+    check_block_size(B, "the profile's block size (re-profile)")
     params = config.fit_params(N)
-    heads: list[Head] = [(layer, h) for layer in range(L) for h in range(H)]
+    sliding = set(sliding_layers(prof.model))  # not profiled, not fitted: their native window
+    full_layers = [layer for layer in range(L) if layer not in sliding]
+    heads: list[Head] = [(layer, h) for layer in full_layers for h in range(H)]
     objective = resolve_objective(prof, config.objective) if config.method == "recall" else "mass"
     stats = {(layer, h): head_stats(prof, layer, h) for layer, h in heads}  # mass: the figures
     weights = error_weights(prof) if objective == "error" else None
@@ -193,7 +198,7 @@ def compile_profile(
     fits: dict[Head, HeadFit] = {}
     ladder = tuple(sorted({*(r for r in RECALL_LADDER if r >= config.min_head_recall), config.recall}))
     frontiers: list[list[HeadFit]] = []
-    for layer in range(L):
+    for done_layers, layer in enumerate(full_layers):
         attn = prof.attn_mean(layer) if config.method == "dam-paper" else None
         for h in range(H):
             if attn is not None:
@@ -204,11 +209,11 @@ def compile_profile(
             else:
                 fits[(layer, h)] = fit_head(fstats[(layer, h)], params)
             if progress:
-                progress(layer * H + h + 1, total)
+                progress(done_layers * H + h + 1, total)
     if frontiers:
         fits = dict(zip(heads, allocate_global(frontiers, config.recall, config.min_head_recall), strict=True))
     base = {hd: f.program for hd, f in fits.items()}
-    d_head = mean_density(base, params, B)
+    d_head = mean_density(base, params, B) if base else None  # None: every layer slides
     d_kv = d_cl = None
     n_clusters = None
     kv = prof.num_kv_heads
@@ -217,24 +222,46 @@ def compile_profile(
     units = [[hd] for hd in heads]
     if config.share_kv_groups and kv < H:
         r = H // kv
-        units = [[(layer, g * r + i) for i in range(r)] for layer in range(L) for g in range(kv)]
+        units = [[(layer, g * r + i) for i in range(r)] for layer in full_layers for g in range(kv)]
         base = assign(units, fstats, fits, params)
         d_kv = mean_density(base, params, B)
     if config.clusters is not None:
         base, n_clusters = cluster_assignment(base, fstats, params, units, config.clusters,
                                               config.seed, B)
         d_cl = mean_density(base, params, B)
+    base = _native_windows(prof, base)
     art = _build_artifact(prof, config, params, base, stats, d_head, d_kv, d_cl, n_clusters, objective)
     if progress:
         progress(total, total)
     return CompileResult(art, d_head, d_kv, d_cl, n_clusters)
 
 
-def _with_last_query(dens: np.ndarray, assignment: dict, last_query: float) -> float:
-    """Mean density bound with the runtime's last-query budget added to every non-dense head."""
+def sliding_layers(model: dict) -> list[int]:
+    """The sliding-window layers of a model fingerprint (``layer_types``; none when absent)."""
+    return [i for i, t in enumerate(model.get("layer_types") or ()) if t == "sliding_attention"]
+
+
+def _native_windows(prof: Profile, base: dict) -> dict:
+    """Sliding-window layers are not guessed at: every head gets the layer's native window
+    (``window = sliding_window``), which is what the model computes; the runtime runs those
+    layers as exact banded attention."""
+    layers = sliding_layers(prof.model)
+    if not layers:
+        return base
+    win = MaskProgram(window=int(prof.model["sliding_window"]))
+    out = dict(base)
+    for layer in layers:
+        for h in range(prof.num_heads):
+            out[(layer, h)] = win
+    return out
+
+
+def _with_last_query(dens: np.ndarray, assignment: dict, last_query: float, sliding: list[int] = ()) -> float:
+    """Mean density bound with the runtime's last-query budget added to every non-dense head
+    (not to sliding-window layers: the runtime runs their exact band)."""
     extra = np.zeros_like(dens)
     for (layer, h), p in assignment.items():
-        extra[layer, h] = 0.0 if p.dense else last_query
+        extra[layer, h] = 0.0 if p.dense or layer in sliding else last_query
     return float(np.minimum(1.0, dens + extra).mean())
 
 
@@ -255,7 +282,12 @@ def _build_artifact(prof, config, params, assignment, stats, d_head, d_kv, d_cl,
     dens = np.zeros((L, H), np.float32)
     rec_t = np.zeros((L, H))
     dcache: dict[MaskProgram, float] = {}
+    sliding = set(sliding_layers(prof.model))
     for layer in range(L):
+        if layer in sliding:  # the model's own attention: recall 1 by construction
+            recall[layer], recall_p[layer], rec_t[layer] = 1.0, 1.0, 1.0
+            dens[layer] = assignment[(layer, 0)].density(params.target_length, params.target_length, B)
+            continue
         attn = prof.attn_mean(layer)
         for h in range(H):
             p = assignment[(layer, h)]
@@ -279,11 +311,13 @@ def _build_artifact(prof, config, params, assignment, stats, d_head, d_kv, d_cl,
         "num_programs": len(table),
         "num_clusters": n_clusters,
         "dense_heads": int(sum(p.dense for p in assignment.values())),
-        "mean_density_per_head": round(float(d_head), 6),
+        "mean_density_per_head": None if d_head is None else round(float(d_head), 6),
         "mean_density_kv_shared": None if d_kv is None else round(float(d_kv), 6),
         "mean_density_clustered": None if d_cl is None else round(float(d_cl), 6),
         "mean_density": round(float(dens.mean()), 6),
-        "mean_density_with_last_query": round(float(_with_last_query(dens, assignment, config.last_query)), 6),
+        "mean_density_with_last_query": round(float(_with_last_query(dens, assignment, config.last_query,
+                                                                     sliding_layers(prof.model))), 6),
+        "sliding_layers": sliding_layers(prof.model),
         "min_recall": round(float(recall.min()), 6),
         "mean_recall": round(float(recall.mean()), 6),
         "mean_recall_capture": round(float(recall_p.mean()), 6),

@@ -166,16 +166,6 @@ def compose(comps: list[tuple[str, int]], dynamic_fraction: float = 0.0) -> Mask
     )
 
 
-def decompose(p: MaskProgram) -> list[tuple[str, int]]:
-    out: list[tuple[str, int]] = []
-    if p.sink:
-        out.append(("sink", p.sink))
-    if p.window:
-        out.append(("window", p.window))
-    out += [("slash", s) for s in p.slashes] + [("vertical", c) for c in p.verticals]
-    return out
-
-
 # ----------------------------------------------------------------------------------------
 def estimate_recall(
     weights: np.ndarray, mask: np.ndarray, dynamic_fraction: float, topp: np.ndarray,
@@ -186,7 +176,7 @@ def estimate_recall(
     ``weights`` float64 ``[nB, nB]``: block mass (rows = query blocks, sums to ~1). Static
     recall is exact: ``sum(weights[mask])``. The dynamic budget adds, per query block ``a``,
     ``n_a = max(1, ceil(f * causal_a))`` of the remaining causal blocks, picked at run time by
-    pooled q.k, not by mass. We assume that selector needs ``rho = overselect`` times the blocks
+    block log-sum-exp of the mean query (``dam.runtime.planner``), not by mass. We assume that selector needs ``rho = overselect`` times the blocks
     a mass-ranked oracle needs, and credit the larger of two conservative gains for ``n_a / rho``
     blocks: (1) the heaviest remaining blocks of the calibration *mean* map (a fixed,
     content-agnostic choice); (2) a lower bound for a per-input oracle: the per-input top-m mass
@@ -574,7 +564,7 @@ def _run_from_zero(idx: np.ndarray) -> int:
 
 __all__ = [
     "DYNAMIC_GRID", "RECALL_LADDER", "FitParams", "HeadFit", "HeadStats", "allocate_global", "capture_recall",
-    "compose", "decompose", "fit_head_frontier",
+    "compose", "fit_head_frontier",
     "estimate_recall", "evaluate_program", "fit_head", "fit_head_dam_paper", "length_recall",
     "pool_blocks", "row_recall", "target_recall",
 ]

@@ -3,7 +3,8 @@
 A query at absolute position ``i`` keeps key ``j <= i`` when ``j < sink``, or ``i - j < window``,
 or ``i - j`` is one of ``slashes``, or ``j`` is one of ``verticals``, or the program is ``dense``.
 ``dynamic_fraction`` adds, per query block and at run time, that fraction (at least one) of the
-query block's causal KV blocks, chosen by pooled q.k; it is not part of the static masks below.
+query block's causal KV blocks, chosen by the block log-sum-exp of the query block's mean query
+against each key (``dam.runtime.planner``); it is not part of the static masks below.
 
 ``element_mask`` and ``block_mask`` are *the definition* the runtime planner must reproduce.
 Queries are the last ``q_len`` of ``kv_len`` positions. ``block_mask`` tiles the ``q_len`` query
@@ -23,6 +24,43 @@ import numpy as np
 class ArtifactError(ValueError):
     """A mask program or artifact is invalid or damaged; the message says what and what to do."""
 
+
+
+#: how many last queries the run-time estimate reads by default (MInference's choice)
+LAST_QUERY_QUERIES = 64
+
+
+def check_fraction(value, name: str, *, exc: type[Exception] = ArtifactError, allow_none: bool = False,
+                   open_low: bool = False):
+    """``value`` as a float in [0, 1] (``(0, 1]`` with ``open_low``), or ``None`` where allowed;
+    ``exc`` naming ``name`` otherwise. The one check of every fraction knob (``last_query``, ...)."""
+    if value is None and allow_none:
+        return None
+    ok = not isinstance(value, bool) and isinstance(value, (int, float, np.floating)) and math.isfinite(value) \
+        and (0.0 < value if open_low else 0.0 <= value) and value <= 1.0
+    if not ok:
+        rng = "(0, 1]" if open_low else "[0, 1]"
+        raise exc(f"{name} must be a fraction in {rng}{' or None' if allow_none else ''}, got {value!r}")
+    return float(value)
+
+
+def check_positive_int(value, name: str, *, exc: type[Exception] = ArtifactError, allow_none: bool = False):
+    """``value`` as a positive int, or ``None`` where allowed; ``exc`` naming ``name`` otherwise."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise exc(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+    return int(value)
+
+
+def check_block_size(value, name: str = "block_size", *, exc: type[Exception] = ArtifactError,
+                     allow_none: bool = False):
+    """``value`` as a power of two >= 16 (the kernels' tile rule), or ``None`` where allowed."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 16 or value & (value - 1):
+        raise exc(f"{name} must be a power of two >= 16{' or None' if allow_none else ''}, got {value!r}")
+    return int(value)
 
 @dataclass(frozen=True)
 class MaskProgram:

@@ -49,6 +49,8 @@ def format_summary(art: Artifact, max_programs: int = 12) -> str:
     costs = [("per-head", fig.get("mean_density_per_head")),
              ("kv-shared", fig.get("mean_density_kv_shared")),
              ("clustered", fig.get("mean_density_clustered"))]
+    if fig.get("sliding_layers"):  # the stages above are the fitted (full-attention) layers'
+        costs.append(("all layers, sliding-window bands included", fig.get("mean_density")))
     lines.append("mean density at target length: " + ", ".join(
         f"{k} {v:.4f}" for k, v in costs if v is not None))
     lq = (art.metadata.get("runtime") or {}).get("last_query", 0.0)

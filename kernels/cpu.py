@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import threading
+from dataclasses import dataclass
 
 import torch
 
@@ -386,9 +387,9 @@ def _run_groups(sig, rows, gidx, qrows, kp, vp, out_rows, lse_rows, *, bm, bn, g
         for c0 in range(start, start + n, chunk):
             tasks.append((c0, min(chunk, start + n - c0), nblk, mask, empty))
         start += n
-    ctx = dict(rows_sorted=rows_sorted, gidx_sorted=gidx_sorted, qrows=qrows, kp=kp, vp=vp,
-               out_rows=out_rows, lse_rows=lse_rows, bn=bn, rows_q=gq * bm, d=d, scale=scale,
-               buf_blocks=buf_blocks, max_rows=min(rows.numel(), buf_blocks))
+    ctx = _PrefillCtx(rows_sorted=rows_sorted, gidx_sorted=gidx_sorted, qrows=qrows, kp=kp, vp=vp,
+                      out_rows=out_rows, lse_rows=lse_rows, bn=bn, rows_q=gq * bm, d=d, scale=scale,
+                      buf_blocks=buf_blocks, max_rows=min(rows.numel(), buf_blocks))
     _run_tasks(tasks, ctx, _prefill_task)
 
 
@@ -412,7 +413,53 @@ def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     return buf[:n].view(shape)
 
 
-def _run_tasks(tasks: list, ctx: dict, fn) -> None:
+@dataclass(frozen=True)
+class _PrefillCtx:
+    """What every prefill task of one call reads: rows sorted by signature and their KV block
+    indices, the gathered sources (Q rows, K/V block rows), the outputs, and the tile sizes."""
+
+    rows_sorted: torch.Tensor
+    gidx_sorted: torch.Tensor
+    qrows: torch.Tensor
+    kp: torch.Tensor
+    vp: torch.Tensor
+    out_rows: torch.Tensor
+    lse_rows: torch.Tensor | None
+    bn: int
+    rows_q: int
+    d: int
+    scale: float
+    buf_blocks: int
+    max_rows: int
+
+
+@dataclass(frozen=True)
+class _DecodeCtx:
+    """What every decode task of one call reads: the rows (largest kept count first), each row's
+    kept-block starts, cache base row and length, the cache (and its token-row views), the
+    queries, the outputs, and the sizes."""
+
+    rows: torch.Tensor
+    n_keep: torch.Tensor
+    base: torch.Tensor
+    kpos: torch.Tensor
+    rlen: torch.Tensor
+    kt: torch.Tensor | None
+    vt: torch.Tensor | None
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    smax: int
+    qr: torch.Tensor
+    res: torch.Tensor
+    res_lse: torch.Tensor
+    bn: int
+    d: int
+    gq: int
+    cdt: torch.dtype
+    scale: float
+
+
+def _run_tasks(tasks: list, ctx, fn) -> None:
     """Run ``fn(task, ctx, buffers)`` over the tasks in the caller's thread, with one set of reused
     buffers; each ATen op uses the caller's intra-op threads (the thread count is the caller's to
     set, never changed here)."""
@@ -421,30 +468,30 @@ def _run_tasks(tasks: list, ctx: dict, fn) -> None:
         fn(t, ctx, bufs)
 
 
-def _prefill_task(task, ctx, bufs) -> None:
+def _prefill_task(task, ctx: _PrefillCtx, bufs) -> None:
     c0, R, nblk, mask, empty = task
-    kp, vp, qrows, d, bn, rows_q = ctx["kp"], ctx["vp"], ctx["qrows"], ctx["d"], ctx["bn"], ctx["rows_q"]
+    kp, vp, qrows, d, bn, rows_q = ctx.kp, ctx.vp, ctx.qrows, ctx.d, ctx.bn, ctx.rows_q
     if not bufs:  # reused buffers (fresh big allocations page-fault every time)
-        bufs["k"] = _scratch("k", (ctx["buf_blocks"], bn * d), kp.dtype)
-        bufs["v"] = _scratch("v", (ctx["buf_blocks"], bn * d), vp.dtype)
-        bufs["q"] = _scratch("q", (ctx["max_rows"], qrows.shape[1]), qrows.dtype)
+        bufs["k"] = _scratch("k", (ctx.buf_blocks, bn * d), kp.dtype)
+        bufs["v"] = _scratch("v", (ctx.buf_blocks, bn * d), vp.dtype)
+        bufs["q"] = _scratch("q", (ctx.max_rows, qrows.shape[1]), qrows.dtype)
     L = nblk * bn
-    rr = ctx["rows_sorted"][c0 : c0 + R]
-    bidx = ctx["gidx_sorted"][c0 : c0 + R, :nblk].reshape(-1)
+    rr = ctx.rows_sorted[c0 : c0 + R]
+    bidx = ctx.gidx_sorted[c0 : c0 + R, :nblk].reshape(-1)
     kg = torch.index_select(kp, 0, bidx, out=bufs["k"][: R * nblk])
     vg = torch.index_select(vp, 0, bidx, out=bufs["v"][: R * nblk])
     qg = torch.index_select(qrows, 0, rr, out=bufs["q"][:R])
     am = None if mask is None else mask.view(1, 1, rows_q, L).expand(R, 1, rows_q, L)
     o, lz = _flash()(qg.view(R, 1, rows_q, d), kg.view(R, 1, L, d), vg.view(R, 1, L, d),
-                     attn_mask=am, scale=ctx["scale"])
+                     attn_mask=am, scale=ctx.scale)
     o = o.view(R, rows_q, d)
     lz = lz.view(R, rows_q)
     if empty is not None:
         o = o.masked_fill(empty.view(1, -1, 1), 0.0)
         lz = lz.masked_fill(empty.view(1, -1), float("-inf"))
-    ctx["out_rows"].index_copy_(0, rr, o.reshape(R, rows_q * d))  # disjoint rows per task
-    if ctx["lse_rows"] is not None:
-        ctx["lse_rows"].index_copy_(0, rr, lz.to(ctx["lse_rows"].dtype))
+    ctx.out_rows.index_copy_(0, rr, o.reshape(R, rows_q * d))  # disjoint rows per task
+    if ctx.lse_rows is not None:
+        ctx.lse_rows.index_copy_(0, rr, lz.to(ctx.lse_rows.dtype))
 
 
 def decode_cpu(
@@ -510,10 +557,9 @@ def decode_cpu(
             n = min(chunk, rows.numel() - c0)
             tasks.append((c0, n, nmax))
             c0 += n
-        ctx = dict(rows=rows, n_keep=n_keep, base=base, kpos=kpos, rlen=rlen,
-                   kt=_token_rows(k_cache), vt=_token_rows(v_cache), k_cache=k_cache, v_cache=v_cache,
-                   smax=smax, qr=qr,
-                   res=res, res_lse=res_lse, bn=bn, d=d, gq=gq, cdt=cdt, scale=scale)
+        ctx = _DecodeCtx(rows=rows, n_keep=n_keep, base=base, kpos=kpos, rlen=rlen,
+                         kt=_token_rows(k_cache), vt=_token_rows(v_cache), k_cache=k_cache, v_cache=v_cache,
+                         smax=smax, qr=qr, res=res, res_lse=res_lse, bn=bn, d=d, gq=gq, cdt=cdt, scale=scale)
         _run_tasks(tasks, ctx, _decode_task)
     # row r = (b, vh); its gq query heads are consecutive heads vh * gq + i
     out.copy_(res.view(bsz, hq, 1, d))
@@ -529,19 +575,19 @@ def _token_rows(x: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def _decode_task(task, ctx, bufs) -> None:
+def _decode_task(task, ctx: _DecodeCtx, bufs) -> None:
     """Gather the kept blocks' tokens of R rows straight from the cache (no padded or converted
     copy of the whole cache: decode touches only what it keeps), one fused flash call."""
     c0, R, nmax = task
-    bn, d, gq, cdt, smax = ctx["bn"], ctx["d"], ctx["gq"], ctx["cdt"], ctx["smax"]
+    bn, d, gq, cdt, smax = ctx.bn, ctx.d, ctx.gq, ctx.cdt, ctx.smax
     L = nmax * bn
-    rr = ctx["rows"][c0 : c0 + R]
-    kstart = ctx["kpos"].index_select(0, rr)[:, :nmax]  # [R, nmax] first key of each kept block
-    base = ctx["base"].index_select(0, rr)
-    slot_ok = (torch.arange(nmax) < ctx["n_keep"].index_select(0, rr).unsqueeze(1)).repeat_interleave(bn, 1)
-    rlen = ctx["rlen"].index_select(0, rr).unsqueeze(1)
+    rr = ctx.rows[c0 : c0 + R]
+    kstart = ctx.kpos.index_select(0, rr)[:, :nmax]  # [R, nmax] first key of each kept block
+    base = ctx.base.index_select(0, rr)
+    slot_ok = (torch.arange(nmax) < ctx.n_keep.index_select(0, rr).unsqueeze(1)).repeat_interleave(bn, 1)
+    rlen = ctx.rlen.index_select(0, rr).unsqueeze(1)
     kv = []
-    if ctx["kt"] is not None and ctx["vt"] is not None and smax >= bn:
+    if ctx.kt is not None and ctx.vt is not None and smax >= bn:
         # whole blocks, each one contiguous run of bn * d elements of the token rows: an
         # overlapping view with one row per starting token gathers them as long rows. A block
         # that runs past S_max starts bn keys before S_max instead; the keys before its own start
@@ -550,7 +596,7 @@ def _decode_task(task, ctx, bufs) -> None:
         keys = (first.unsqueeze(-1) + torch.arange(bn)).view(R, L)
         ok = (keys >= kstart.repeat_interleave(bn, 1)) & (keys < rlen) & slot_ok
         start = (first + base.unsqueeze(1)).view(-1)
-        for name, flat in (("k", ctx["kt"]), ("v", ctx["vt"])):
+        for name, flat in (("k", ctx.kt), ("v", ctx.vt)):
             runs = flat.as_strided((flat.shape[0] - bn + 1, bn * d), (d, 1))
             buf = _scratch(name, (start.numel(), bn * d), flat.dtype)
             kv.append(torch.index_select(runs, 0, start, out=buf).view(R, 1, L, d))
@@ -558,16 +604,16 @@ def _decode_task(task, ctx, bufs) -> None:
         keys = (kstart.unsqueeze(-1) + torch.arange(bn)).view(R, L)
         ok = (keys < rlen) & slot_ok
         tok = keys.clamp(max=smax - 1)  # keys past S_max are masked (cache_seqlens <= S_max)
-        for name, flat in (("k", ctx["kt"]), ("v", ctx["vt"])):
+        for name, flat in (("k", ctx.kt), ("v", ctx.vt)):
             if flat is not None:
                 x = flat.index_select(0, (tok + base.unsqueeze(1)).view(-1))
             else:
-                src = ctx["k_cache" if name == "k" else "v_cache"]
+                src = ctx.k_cache if name == "k" else ctx.v_cache
                 bh = base // smax
                 x = src[(bh // src.shape[1]).unsqueeze(1), (bh % src.shape[1]).unsqueeze(1), tok]
             kv.append(x.view(R, 1, L, d))
     am = torch.zeros((R, 1, 1, L), dtype=cdt).masked_fill_(~ok.view(R, 1, 1, L), float("-inf"))
-    qg = ctx["qr"].index_select(0, rr).view(R, 1, gq, d)
-    o, lz = _flash()(qg, kv[0], kv[1], attn_mask=am, scale=ctx["scale"])
-    ctx["res"].index_copy_(0, rr, o.view(R, gq, d))
-    ctx["res_lse"].index_copy_(0, rr, lz.view(R, gq))
+    qg = ctx.qr.index_select(0, rr).view(R, 1, gq, d)
+    o, lz = _flash()(qg, kv[0], kv[1], attn_mask=am, scale=ctx.scale)
+    ctx.res.index_copy_(0, rr, o.view(R, gq, d))
+    ctx.res_lse.index_copy_(0, rr, lz.view(R, gq))

@@ -31,7 +31,6 @@ import triton.language as tl
 from .layout import BlockLayout, LayoutError
 
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 
 def _interpret() -> bool:

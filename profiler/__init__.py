@@ -23,13 +23,13 @@ from .data import (
     parse_length,
 )
 from .errors import ProfileError
-from .models import ALIASES, cache_root, load_model, model_fingerprint
+from .models import ALIASES, attention_layer_types, cache_root, load_model, model_fingerprint
 from .run import ProfileConfig, ProfileSummary, profile
 from .store import SCHEMA, read_attrs, read_store, write_store
 
 __all__ = [
     "ALIASES", "ATTN_NAME", "SCHEMA", "TOPP", "ProfileConfig", "ProfileError", "ProfileStats",
-    "ProfileSummary", "attention_capture", "cache_root", "calibration_samples", "capture",
+    "ProfileSummary", "attention_capture", "attention_layer_types", "cache_root", "calibration_samples", "capture",
     "iter_samples", "load_model", "make_kv_retrieval_ids", "make_kv_retrieval_prompt",
     "make_passkey_ids", "make_passkey_prompt", "model_fingerprint", "parse_data_spec", "parse_length",
     "profile",

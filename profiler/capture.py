@@ -122,9 +122,6 @@ def topp_block_counts(rows: torch.Tensor, shares=TOPP) -> torch.Tensor:
 def _check_kwargs(module, dropout, kw) -> None:
     if dropout and getattr(module, "training", False):
         raise ProfileError("capture needs the model in eval mode (attention dropout is active); call model.eval()")
-    if kw.get("sliding_window") is not None:
-        raise ProfileError("sliding-window attention layers are not supported by the profiler "
-                           "(the statistics assume full causal attention)")
     if kw.get("softcap") is not None or kw.get("s_aux") is not None:
         raise ProfileError("attention logit soft-capping / attention sinks (s_aux) are not supported by the profiler")
 
@@ -139,7 +136,9 @@ def _dam_capture_attention(module, query, key, value, attention_mask, scaling=No
     _check_kwargs(module, dropout, kw)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    return rec.attend(getattr(module, "layer_idx", None), query, key, value, float(scaling)), None
+    window = kw.get("sliding_window")
+    return rec.attend(getattr(module, "layer_idx", None), query, key, value, float(scaling),
+                      None if window is None else int(window)), None
 
 
 def _register() -> None:
@@ -173,7 +172,10 @@ class _Recorder:
         rows = max(bs, rows // bs * bs)  # a whole number of blocks, so blocks never straddle
         return rows
 
-    def attend(self, layer, q, k, v, scaling):
+    def attend(self, layer, q, k, v, scaling, window=None):
+        """Exact attention of ``layer``, its statistics accumulated on the way. A sliding-window
+        layer (keys ``i - j < window``) is not profiled: the compiler gives it its native window,
+        so it runs its exact band here and its arrays stay zero."""
         B, H, N, D = q.shape
         Hkv = k.shape[1]
         if layer is None or not 0 <= layer < self.layers:
@@ -186,6 +188,10 @@ class _Recorder:
         G = H // Hkv
         P, bs = self.capture_length, self.block_size
         cdt = torch.promote_types(q.dtype, torch.float32)
+        if window is not None:
+            self.seen.add(layer)
+            return _band_attention(q.to(cdt), k.to(cdt), v.to(cdt), scaling, window, self.chunk_rows(B)) \
+                .transpose(1, 2).to(q.dtype)
         qg = q.to(cdt).reshape(B, Hkv, G, N, D)
         kg = k.to(cdt).unsqueeze(2)  # [B, Hkv, 1, N, D]
         vg = v.to(cdt).unsqueeze(2)
@@ -255,6 +261,24 @@ class _Recorder:
         return out.reshape(B, H, N, -1).transpose(1, 2).to(q.dtype)
 
 
+def _band_attention(q, k, v, scaling, window, rows):
+    """Exact causal sliding-window attention ``[B, H, N, Dv]``, chunks of ``rows`` queries each
+    against the keys their window reaches (GQA: key/value heads un-repeated)."""
+    B, H, N, D = q.shape
+    G = H // k.shape[1]
+    qg = (q * scaling).reshape(B, k.shape[1], G, N, D)
+    out = q.new_empty(B, k.shape[1], G, N, v.shape[-1])
+    for i0 in range(0, N, rows):
+        i1 = min(N, i0 + rows)
+        lo = max(0, i0 - window + 1)
+        s = torch.matmul(qg[..., i0:i1, :], k[:, :, None, lo:i1].transpose(-1, -2))
+        i = torch.arange(i0, i1, device=q.device)[:, None]
+        j = torch.arange(lo, i1, device=q.device)[None, :]
+        s.masked_fill_((j > i) | (i - j >= window), float("-inf"))
+        out[..., i0:i1, :] = torch.matmul(torch.softmax(s, -1), v[:, :, None, lo:i1])
+    return out.reshape(B, H, N, -1)
+
+
 def _text_config(model):
     cfg = model.config
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -303,7 +327,7 @@ def capture(model, input_ids: torch.Tensor, *, capture_length: int, block_size: 
     """Run ``model`` on ``input_ids`` and return the exact attention statistics.
 
     Args:
-        model: a transformers causal LM (llama family: full causal attention, GQA allowed).
+        model: a transformers causal LM (full and sliding-window causal attention layers, GQA/MQA).
         input_ids: LongTensor ``[B, N]`` of unpadded samples (all of length N).
         capture_length: P, the number of leading tokens whose full attention map is kept.
         block_size: B of ``block_mass`` / ``topp_blocks``.

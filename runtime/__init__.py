@@ -5,10 +5,11 @@ artifact reader (never zarr or scikit-learn).
 """
 
 from .errors import DamRuntimeError
-from .integration import DamHandle, RuntimeConfig, apply, load
+from .integration import MIN_LENGTH, DamHandle, RuntimeConfig, apply, load, runtime_config
 from .planner import Planner, ProgramTable, mask_to_layout, plan
 
 __all__ = [
+    "MIN_LENGTH",
     "DamHandle",
     "DamRuntimeError",
     "Planner",
@@ -18,4 +19,5 @@ __all__ = [
     "load",
     "mask_to_layout",
     "plan",
+    "runtime_config",
 ]

@@ -94,3 +94,30 @@ def dense_attention(
         m = m & key_valid[:, None, None, :].to(torch.bool)
         m = m | ~m.any(-1, keepdim=True)  # padded query rows: any finite output (discarded)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale, enable_gqa=gqa)
+
+
+def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, window: int,
+                             chunk: int | None = None) -> torch.Tensor:
+    """Exact causal sliding-window attention (keys ``i - w < j <= i``), O(Nq * (window + chunk)) work
+    instead of masked O(Nq * Nk): queries the last Nq of Nk, in chunks of ``chunk`` queries (default
+    ``max(window, 256)``), each against only the keys its window reaches. -> ``[B, Hq, Nq, D]``."""
+    B, Hq, Nq, D = q.shape
+    Nk = k.shape[2]
+    if window < 1:
+        raise DamRuntimeError(f"sliding window must be positive, got {window}")
+    gqa = Hq != k.shape[1]
+    if Nq == 1:  # decode: the last `window` keys, no mask
+        lo = max(0, Nk - window)
+        return F.scaled_dot_product_attention(q, k[:, :, lo:], v[:, :, lo:], scale=scale, enable_gqa=gqa)
+    C = chunk or max(window, 256)
+    out = q.new_empty(B, Hq, Nq, v.shape[-1])
+    for r0 in range(0, Nq, C):
+        r1 = min(Nq, r0 + C)
+        p0, p1 = Nk - Nq + r0, Nk - Nq + r1  # absolute positions of the chunk's queries
+        lo = max(0, p0 - window + 1)
+        i = torch.arange(p0, p1, device=q.device)[:, None]
+        j = torch.arange(lo, p1, device=q.device)[None, :]
+        m = (j <= i) & (i - j < window)
+        out[:, :, r0:r1] = F.scaled_dot_product_attention(q[:, :, r0:r1], k[:, :, lo:p1], v[:, :, lo:p1],
+                                                          attn_mask=m, scale=scale, enable_gqa=gqa)
+    return out

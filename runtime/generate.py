@@ -15,7 +15,7 @@ import torch
 from dam.compiler import Artifact
 
 from .errors import DamRuntimeError
-from .integration import apply
+from .integration import MIN_LENGTH, apply
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class GenerateConfig:
     max_new_tokens: int = 64
     compare_dense: bool = False
     backend: str = "auto"
-    min_length: int = 1024
+    min_length: int = MIN_LENGTH
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():

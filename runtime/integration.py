@@ -25,6 +25,7 @@ The mask function hands the attention function the 2D key-validity mask ``bool [
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -35,6 +36,7 @@ from typing import Any
 import torch
 
 from dam.compiler import Artifact, ArtifactError
+from dam.compiler.ir import check_block_size, check_fraction, check_positive_int
 from dam.kernels import BlockLayout
 
 from . import _kernels
@@ -84,6 +86,10 @@ def _threshold_at(rule: float | tuple[tuple[int, float], ...], kv_len: int | Non
 DECODE_SPARSE_FROM: dict[str, int] = {"cpu": 24576}
 
 
+#: calls attending fewer keys run dense SDPA (short prompts gain nothing from sparsity)
+MIN_LENGTH = 1024
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     """How the runtime runs an artifact.
@@ -101,7 +107,8 @@ class RuntimeConfig:
             (vertical and slash elements, :mod:`dam.runtime.estimate`), added to every non-dense
             head on prefill calls, as a fraction of its causal blocks; 0 turns it off. ``None``:
             the artifact's ``metadata["runtime"]["last_query"]`` (0 when absent).
-        last_query_queries: how many last queries estimate (``None``: the artifact's, else 64).
+        last_query_queries: how many last queries estimate (``None``: the artifact's, else
+            ``LAST_QUERY_QUERIES``).
         last_query_share: how a layer's estimate budget is shared among its heads: ``"uniform"``
             (each head the same fraction) or ``"adaptive"`` (in proportion to the last queries'
             attention mass outside the head's kept blocks).
@@ -112,7 +119,7 @@ class RuntimeConfig:
     """
 
     backend: str = "auto"
-    min_length: int = 1024
+    min_length: int = MIN_LENGTH
     block_size: int | None = None
     plan_cache_size: int = 16
     decode: str = "auto"
@@ -124,26 +131,17 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         if self.backend not in _kernels.BACKENDS:
             raise DamRuntimeError(f"backend must be one of {_kernels.BACKENDS}, got {self.backend!r}")
-        if isinstance(self.min_length, bool) or not isinstance(self.min_length, int) or self.min_length < 1:
-            raise DamRuntimeError(f"min_length must be a positive int, got {self.min_length!r}")
-        bs = self.block_size
-        if bs is not None and (isinstance(bs, bool) or not isinstance(bs, int) or bs < 16 or bs & (bs - 1)):
-            raise DamRuntimeError(f"block_size must be a power of two >= 16 or None, got {bs!r}")
-        if not isinstance(self.plan_cache_size, int) or self.plan_cache_size < 1:
-            raise DamRuntimeError(f"plan_cache_size must be a positive int, got {self.plan_cache_size!r}")
+        err = DamRuntimeError
+        check_positive_int(self.min_length, "min_length", exc=err)
+        check_block_size(self.block_size, exc=err, allow_none=True)
+        check_positive_int(self.plan_cache_size, "plan_cache_size", exc=err)
         if self.decode not in DECODE_MODES:
             raise DamRuntimeError(f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
-        lq = self.last_query
-        if lq is not None and (isinstance(lq, bool) or not isinstance(lq, (int, float)) or not 0.0 <= lq <= 1.0):
-            raise DamRuntimeError(f"last_query must be a fraction in [0, 1] or None, got {lq!r}")
-        n = self.last_query_queries
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise DamRuntimeError(f"last_query_queries must be a positive int or None, got {n!r}")
+        check_fraction(self.last_query, "last_query", exc=err, allow_none=True)
+        check_positive_int(self.last_query_queries, "last_query_queries", exc=err, allow_none=True)
         if self.last_query_share not in SHARES:
             raise DamRuntimeError(f"last_query_share must be one of {SHARES}, got {self.last_query_share!r}")
-        da = self.dense_above
-        if da is not None and (isinstance(da, bool) or not isinstance(da, (int, float)) or not 0.0 < da <= 1.0):
-            raise DamRuntimeError(f"dense_above must be a density in (0, 1] or None, got {da!r}")
+        check_fraction(self.dense_above, "dense_above", exc=err, allow_none=True, open_low=True)
 
     def dense_threshold(self, device: torch.device, dtype: torch.dtype, kv_len: int | None = None) -> float:
         """The density bound above which a prefill call over ``kv_len`` keys runs dense (see
@@ -226,6 +224,10 @@ def dam_attention_forward(
         )
     if dropout and module.training:
         raise DamRuntimeError("DAM attention is for inference: call model.eval() (dropout is not supported)")
+    for name in ("softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise DamRuntimeError(f"{type(module).__name__} passes {name}= (attention logit soft-capping / attention "
+                                  "sinks), which DAM's kernels do not implement; this model is not supported yet")
     out = handle._attend(tag[1], query, key, value, attention_mask, scaling, sliding_window)
     return out.transpose(1, 2).contiguous(), None
 
@@ -276,6 +278,7 @@ class DamHandle:
         # per-layer planners, shared by layers with the same head->program row, per device
         self._row_key = [tuple(int(x) for x in row) for row in artifact.head_program]
         self._all_dense = [all(artifact.programs[int(k)].dense for k in row) for row in artifact.head_program]
+        self._sliding = artifact.sliding_windows()
         self._planners: dict[tuple[tuple[int, ...], str], Planner] = {}
         self.last_query, self.last_query_queries = config.resolve_last_query(artifact)
         #: optional ``fn(layer, q, k, layout) -> BlockLayout`` called on every block-sparse call
@@ -291,9 +294,15 @@ class DamHandle:
         if sorted(mods) != list(range(L)):
             raise DamRuntimeError(
                 f"found attention modules for layers {sorted(mods)[:8]}... but the artifact has {L} "
-                "layers; DAM supports llama-family models whose attention modules are `*.self_attn`"
+                "layers; DAM supports causal LMs whose attention modules are `*.self_attn` with a layer_idx "
+                "(llama, mistral, qwen2, qwen3, gemma3)"
             )
         configs = _configs(self.model)
+        for c in configs:
+            cap = getattr(c, "attn_logit_softcapping", None)
+            if cap is not None:
+                raise DamRuntimeError(f"this model soft-caps its attention logits (attn_logit_softcapping={cap}, "
+                                      "Gemma 2), which DAM's kernels do not implement yet")
         if any(c._attn_implementation_internal == IMPL for c in configs):
             raise DamRuntimeError("this model already has DAM applied; remove() that handle first")
         _register()
@@ -373,15 +382,19 @@ class DamHandle:
         installed attention function computes it (``min_length``, the dense rule, planning, the
         kernels): ``q [B, Hq, N, D]``, ``k``/``v [B, Hkv, Nk, D]`` (every key valid) ->
         ``[B, Hq, N, D]``. For serving engines that call attention themselves (the vLLM backend);
-        a handle used this way needs no model (``DamHandle(None, artifact, config)``)."""
-        return self._attend(layer, q, k, v, None, scale, None)
+        a handle used this way needs no model (``DamHandle(None, artifact, config)``). A
+        sliding-window layer (the artifact's fingerprint says which) runs its exact band."""
+        return self._attend(layer, q, k, v, None, scale, self._sliding.get(layer))
 
     def runs_sparse(self, layer: int, q_len: int, kv_len: int, device: torch.device | str, dtype: torch.dtype) -> bool:
         """Whether :meth:`attend` runs a block-sparse kernel for a ``(q_len, kv_len)`` prefill call
         of ``layer`` (False: it would run dense attention: below ``min_length``, every program of
         the layer dense, or the planned density above the dense rule's break-even). Reads no
-        tensor; a serving engine sends the other calls to its own dense kernel."""
+        tensor; a serving engine sends the other calls to its own dense kernel. A sliding-window
+        layer never runs sparse: its exact band is the engine's (or :meth:`attend`'s) own."""
         dev = torch.device(device)
+        if layer in self._sliding:
+            return False
         if self._dense_for(kv_len, None) or (self._all_dense[layer] and self.layout_hook is None):
             return False
         if self.layout_hook is not None or q_len <= 1:
@@ -412,6 +425,11 @@ class DamHandle:
                 got.update(q=q.detach().clone(), k=k.detach().clone(), v=v.detach().clone(), scale=scale)
         if mask is not None and mask.dim() != 2:
             return _kernels.dense_attention(q, k, v, scale=scale, mask4d=mask)
+        if mask is None and sliding_window is not None:
+            # a sliding-window layer runs its exact band (never masked N^2 work nor a block program)
+            if sliding_window < Nk:
+                return _kernels.sliding_window_attention(q, k, v, scale=scale, window=sliding_window)
+            return _kernels.dense_attention(q, k, v, scale=scale)
         if N == 1 and self._dense_decode(layer, q.device, Nk):
             return _kernels.dense_attention(q, k, v, scale=scale, key_valid=mask, sliding_window=sliding_window)
         if mask is None:
@@ -527,33 +545,33 @@ def _resolve_artifact(artifact: Artifact | str | os.PathLike) -> Artifact:
     raise DamRuntimeError(f"artifact must be an Artifact or a path, got {type(artifact).__name__}")
 
 
-def apply(
-    model: torch.nn.Module,
-    artifact: Artifact | str | os.PathLike,
-    *,
-    backend: str = "auto",
-    min_length: int = 1024,
-    block_size: int | None = None,
-    plan_cache_size: int = 16,
-    decode: str = "auto",
-    last_query: float | None = None,
-    last_query_queries: int | None = None,
-    last_query_share: str = "uniform",
-    dense_above: float | None = None,
-) -> DamHandle:
+def runtime_config(config: RuntimeConfig | None = None, **overrides: Any) -> RuntimeConfig:
+    """``config`` (default ``RuntimeConfig()``) with ``overrides`` (RuntimeConfig field names;
+    ``None`` values are ignored) applied and validated."""
+    if config is not None and not isinstance(config, RuntimeConfig):
+        raise DamRuntimeError(f"config must be a RuntimeConfig or None, got {type(config).__name__}")
+    names = {f.name for f in dataclasses.fields(RuntimeConfig)}
+    bad = sorted(set(overrides) - names)
+    if bad:
+        raise DamRuntimeError(f"unknown runtime option(s) {bad}; RuntimeConfig takes {', '.join(sorted(names))}")
+    return dataclasses.replace(config or RuntimeConfig(), **{k: v for k, v in overrides.items() if v is not None})
+
+
+def apply(model: torch.nn.Module, artifact: Artifact | str | os.PathLike, config: RuntimeConfig | None = None,
+          **overrides: Any) -> DamHandle:
     """Run ``model``'s attention through DAM with ``artifact`` (an :class:`Artifact` or a path).
 
-    Only this model instance is switched. Raises ``ArtifactError`` when the artifact does not
-    fit the model (layers, heads, KV heads, head_dim) and ``DamRuntimeError`` when the model is
-    not a supported llama-family model or already has DAM applied.
+    ``config`` (a :class:`RuntimeConfig`, default all defaults) with ``overrides`` applied: any of
+    its fields by name (``backend="cpu"``, ``min_length=1``, ``last_query=0.1``, ...). Only this
+    model instance is switched. Raises ``ArtifactError`` when the artifact does not fit the model
+    (layers, heads, KV heads, head_dim, attention layer types) and ``DamRuntimeError`` when the
+    model is not a supported model (see the README's supported architectures) or already has DAM
+    applied.
 
     Returns:
         a :class:`DamHandle` (context manager); ``handle.remove()`` restores the model exactly.
     """
-    cfg = RuntimeConfig(backend=backend, min_length=min_length, block_size=block_size,
-                        plan_cache_size=plan_cache_size, decode=decode, last_query=last_query,
-                        last_query_queries=last_query_queries, last_query_share=last_query_share,
-                        dense_above=dense_above)
+    cfg = runtime_config(config, **overrides)
     art = _resolve_artifact(artifact)
     if not hasattr(model, "config"):
         raise DamRuntimeError(f"expected a transformers model with a .config, got {type(model).__name__}")
@@ -567,27 +585,30 @@ def apply(
 
 
 def load(model_id_or_path: str | os.PathLike, artifact: Artifact | str | os.PathLike,
-         *, backend: str = "auto", min_length: int = 1024, decode: str = "auto",
-         last_query: float | None = None, **from_pretrained_kwargs: Any):
-    """``AutoModelForCausalLM.from_pretrained(model_id_or_path, **kwargs)`` with DAM applied.
+         config: RuntimeConfig | None = None, **kwargs: Any):
+    """``AutoModelForCausalLM.from_pretrained(model_id_or_path, ...)`` with DAM applied.
 
-    The handle is kept as ``model.dam_handle`` (call ``model.dam_handle.remove()`` to undo).
-    The artifact is validated before the weights are loaded.
+    Takes what :func:`apply` takes (``config`` and RuntimeConfig fields by name); every other
+    keyword goes to ``from_pretrained`` (``dtype=``, ``device_map=``, ...). The handle is kept as
+    ``model.dam_handle`` (``model.dam_handle.remove()`` undoes it). The artifact and the runtime
+    options are validated before the weights are loaded.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    names = {f.name for f in dataclasses.fields(RuntimeConfig)}
+    cfg = runtime_config(config, **{k: v for k, v in kwargs.items() if k in names})
+    from_pretrained = {k: v for k, v in kwargs.items() if k not in names}
     art = _resolve_artifact(artifact)
     try:
-        config = AutoConfig.from_pretrained(model_id_or_path)
+        model_config = AutoConfig.from_pretrained(model_id_or_path)
     except OSError as exc:
         raise DamRuntimeError(f"cannot load a model config from {model_id_or_path!s}: {exc}") from exc
-    art.check_compatible(config)
-    model = AutoModelForCausalLM.from_pretrained(model_id_or_path, **from_pretrained_kwargs)
+    art.check_compatible(model_config)
+    model = AutoModelForCausalLM.from_pretrained(model_id_or_path, **from_pretrained)
     model.eval()
-    model.dam_handle = apply(model, art, backend=backend, min_length=min_length, decode=decode,
-                             last_query=last_query)
+    model.dam_handle = apply(model, art, cfg)
     return model
 
 
-__all__ = ["DECODE_SPARSE_FROM", "DENSE_ABOVE", "IMPL", "ArtifactError", "DamHandle", "RuntimeConfig", "apply", "dam_attention_forward",
-           "dam_mask", "load"]
+__all__ = ["DECODE_SPARSE_FROM", "DENSE_ABOVE", "IMPL", "MIN_LENGTH", "ArtifactError", "DamHandle", "RuntimeConfig",
+           "apply", "dam_attention_forward", "dam_mask", "load", "runtime_config"]

@@ -42,6 +42,7 @@ from typing import NamedTuple
 import torch
 
 from dam.compiler import MaskProgram
+from dam.compiler.ir import LAST_QUERY_QUERIES, check_block_size, check_fraction, check_positive_int
 from dam.kernels import BlockLayout
 from dam.kernels.scores import block_logsumexp
 
@@ -420,16 +421,12 @@ class Planner:
         device: torch.device | str = "cpu",
         cache_size: int = 16,
         last_query: float = 0.0,
-        last_query_queries: int = 64,
+        last_query_queries: int = LAST_QUERY_QUERIES,
         last_query_share: str = "uniform",
     ) -> None:
-        if not 0.0 <= float(last_query) <= 1.0:
-            raise DamRuntimeError(f"last_query must lie in [0, 1], got {last_query!r}")
-        if isinstance(last_query_queries, bool) or not isinstance(last_query_queries, int) or last_query_queries < 1:
-            raise DamRuntimeError(f"last_query_queries must be a positive int, got {last_query_queries!r}")
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 \
-                or block_size & (block_size - 1):
-            raise DamRuntimeError(f"block_size must be a power of two >= 16, got {block_size!r}")
+        check_fraction(last_query, "last_query", exc=DamRuntimeError)
+        check_positive_int(last_query_queries, "last_query_queries", exc=DamRuntimeError)
+        check_block_size(block_size, exc=DamRuntimeError)
         self.block_size = block_size
         self.device = torch.device(device)
         self.table = ProgramTable.encode(programs, self.device)

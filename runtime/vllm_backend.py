@@ -130,6 +130,9 @@ class DamCPUAttentionImpl(CPUAttentionBackendImpl):
 
         self._dam = _handle(get_current_vllm_config(), self.num_heads)
         self._layer: int | None = None
+        window = getattr(self, "sliding_window", None)
+        if window not in (None, (-1, -1), -1) or getattr(self, "logits_soft_cap", None):
+            self._dam = None  # sliding-window / soft-capped layers stay on vLLM's own kernel
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):

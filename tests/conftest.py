@@ -61,3 +61,16 @@ def dam_cache(tmp_path_factory):
     """The DAM cache root the tests use (the user's DAM_CACHE if set, so the converted
     SmolLM2 is reused across runs; otherwise ~/.cache/dam)."""
     return os.environ.get("DAM_CACHE", os.path.expanduser("~/.cache/dam"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(dam_cache):
+    """The converted SmolLM2 directory (its tokenizer, for tiny models fed real text)."""
+    os.environ["DAM_CACHE"] = dam_cache
+    from dam.profiler import load_model
+    from dam.profiler.models import converted_dir
+
+    d = converted_dir("smollm2-135m")
+    if not (d / "tokenizer.json").is_file():
+        load_model("smollm2-135m")
+    return str(d)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from dam.compiler import Artifact, MaskProgram
+from dam.compiler.ir import LAST_QUERY_QUERIES
 from dam.kernels import BlockLayout
 
 from ..errors import DamRuntimeError
@@ -142,7 +143,7 @@ class MInferenceHook:
     causal blocks) is kept, with the diagonal and the first key block always in.
     """
 
-    def __init__(self, handle, density: float, last_q: int = 64) -> None:
+    def __init__(self, handle, density: float, last_q: int = LAST_QUERY_QUERIES) -> None:
         if not 0.0 < density <= 1.0:
             raise DamRuntimeError(f"density must lie in (0, 1], got {density}")
         if last_q < 1:
@@ -161,7 +162,7 @@ class MInferenceHook:
 
 
 def minference_mask(q: torch.Tensor, k: torch.Tensor, scale: float, B: int, density: float,
-                    last_q: int = 64) -> torch.Tensor:
+                    last_q: int = LAST_QUERY_QUERIES) -> torch.Tensor:
     """bool ``[H, nQB, nKB]`` (see :class:`MInferenceHook`); q ``[1, Hq, Nq, D]``, k ``[1, Hkv, Nk, D]``."""
     _, Hq, nq, D = q.shape
     Hkv, nk = k.shape[1], k.shape[2]
@@ -224,7 +225,7 @@ class ElementVSHook:
     the programs add. Batch 1, queries = the last ``Nq`` of ``Nk`` positions.
     """
 
-    def __init__(self, handle, density: float, last_q: int = 64) -> None:
+    def __init__(self, handle, density: float, last_q: int = LAST_QUERY_QUERIES) -> None:
         if not 0.0 < density <= 1.0:
             raise DamRuntimeError(f"density must lie in (0, 1], got {density}")
         self.handle = handle

@@ -3,9 +3,10 @@
 ``bench(model, artifact, inputs, config)`` times, per length, on the model's own device and dtype
 (the caller picks: GPU bf16 when present, else CPU fp32):
 
-* prefill: ``model(ids)`` (cache built), dense vs DAM, interleaved per repeat;
-* decode: ``decode_tokens`` greedy steps after that prefill (the cache is cropped back to the
-  prompt between repeats), seconds per token;
+* prefill: ``model(ids, logits_to_keep=1)`` (cache built; the last position's logits, as
+  ``generate``'s prefill computes them), dense vs DAM, interleaved per repeat;
+* decode: ``decode_tokens`` greedy steps after that prefill (each run decodes from its own
+  prefill's cache), seconds per token;
 * attention only: one layer's attention call on q/k/v captured from a DAM forward of the same
   input (dense SDPA vs DAM's plan + block-sparse kernel);
 * peak memory of one prefill each: CUDA peak allocated bytes on a GPU; on the CPU the rise of
@@ -25,11 +26,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from dam.compiler import Artifact
+from dam.compiler import Artifact, MaskProgram
 
 from .. import _kernels
 from ..errors import DamRuntimeError
-from ..integration import apply
+from ..integration import MIN_LENGTH, apply
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class BenchConfig:
     warmup: int = 1
     decode_tokens: int = 8
     backend: str = "auto"
-    min_length: int = 1024
+    min_length: int = MIN_LENGTH
     attention_layer: int | None = None
     decode: str = "auto"
     last_query: float | None = None
@@ -262,7 +263,8 @@ def _layout_density(layout, nk: int) -> float:
 def _effective_density(model, artifact, config: BenchConfig, ids: torch.Tensor) -> tuple[float, int, float]:
     """(mean over layers of the block density that runs, layers the dense rule runs dense, planning
     seconds of one warm forward) for DAM on ``ids``: a layer's planned block density where it runs
-    sparse, 1.0 where it runs dense (all-dense programs, below ``min_length``, or the dense rule)."""
+    sparse, 1.0 where it runs dense (all-dense programs, below ``min_length``, or the dense rule),
+    the band's block density on a sliding-window layer."""
     p0 = next(model.parameters())
     dev, dtype = p0.device, p0.dtype
     L, n = artifact.num_layers, ids.shape[1]
@@ -287,9 +289,9 @@ def _effective_density(model, artifact, config: BenchConfig, ids: torch.Tensor) 
 
             p.plan = timed
         with torch.no_grad():
-            model(ids, use_cache=False)  # warm: the static layouts are cached per length
+            model(ids, use_cache=False, logits_to_keep=1)  # warm: the static layouts are cached per length
             plan_s[0] = 0.0
-            model(ids, use_cache=False)  # the planning time of a warm forward
+            model(ids, use_cache=False, logits_to_keep=1)  # the planning time of a warm forward
         plan_time = plan_s[0]  # before the observing forward below (it plans every layer)
 
         def hook(layer, q, k, layout):
@@ -298,15 +300,17 @@ def _effective_density(model, artifact, config: BenchConfig, ids: torch.Tensor) 
 
         h.layout_hook = hook  # with a hook every layer runs sparse: its planned layout is seen
         with torch.no_grad():
-            model(ids, use_cache=False)
+            model(ids, use_cache=False, logits_to_keep=1)
     finally:
         h.remove()
-    dens = [1.0 if layer in dense else seen.get(layer, 1.0) for layer in range(L)]
+    band = {layer: MaskProgram(window=w).density(n, n, h.block_size) for layer, w in artifact.sliding_windows().items()}
+    dense -= set(band)  # sliding layers run their exact band, never dense nor planned
+    dens = [band[layer] if layer in band else 1.0 if layer in dense else seen.get(layer, 1.0) for layer in range(L)]
     return statistics.fmean(dens), len(dense), plan_time
 
 
-def _decode_run(model, cache, last_token: torch.Tensor, n_prompt: int, steps: int, dev) -> float:
-    """``steps`` greedy decode steps from ``cache`` (cropped back to the prompt after); s/token."""
+def _decode_run(model, cache, last_token: torch.Tensor, steps: int, dev) -> float:
+    """``steps`` greedy decode steps from ``cache`` (which they extend); seconds per token."""
     tok = last_token
     _sync(dev)
     t0 = time.perf_counter()
@@ -314,17 +318,13 @@ def _decode_run(model, cache, last_token: torch.Tensor, n_prompt: int, steps: in
         out = model(tok, past_key_values=cache, use_cache=True)
         tok = out.logits[:, -1:].argmax(-1)
     _sync(dev)
-    dt = time.perf_counter() - t0
-    extra = cache.get_seq_length() - n_prompt
-    if extra > 0:
-        cache.crop(-extra)  # transformers 5: a negative count removes that many tokens
-    return dt / steps
+    return (time.perf_counter() - t0) / steps
 
 
 def _capture_qkv(model, handle, layer: int, ids: torch.Tensor):
     """(q, k, v, scale, planned layout) of ``layer`` from one DAM forward (post-RoPE q/k)."""
     with handle.capture(layer) as got, torch.no_grad():
-        model(ids, use_cache=False)
+        model(ids, use_cache=False, logits_to_keep=1)
     if "layout" not in got:
         raise DamRuntimeError(f"layer {layer} ran no block-sparse call (is the length below min_length?)")
     return got["q"], got["k"], got["v"], got["scale"], got["layout"]
@@ -342,92 +342,32 @@ def bench(
         raise DamRuntimeError("bench needs model.eval()")
     p0 = next(model.parameters())
     dev, dtype = p0.device, p0.dtype
-    L = artifact.num_layers
-    layer = L // 2 if config.attention_layer is None else config.attention_layer
-    if not 0 <= layer < L:
-        raise DamRuntimeError(f"attention_layer must lie in [0, {L}), got {layer}")
+    layer = _attention_layer(artifact, config.attention_layer)
     rows: list[BenchRow] = []
     runs = config.warmup + config.repeats
     total = len(inputs) * runs * 2
-    done = 0
+    done = [0]
+
+    def tick() -> None:
+        done[0] += 1
+        if progress:
+            progress(done[0], total)
+
     for n in sorted(inputs):
         ids = inputs[n].to(dev)
         if ids.dim() != 2 or ids.shape[0] != 1:
             raise DamRuntimeError(f"inputs[{n}] must be [1, N], got {tuple(ids.shape)}")
         if n < config.min_length:
             log.warning("length %d < min_length %d: DAM runs dense SDPA there", n, config.min_length)
-        handle = _apply(model, artifact, config)
-        handle.remove()  # re-applied per run below; validated once here
+        _apply(model, artifact, config).remove()  # re-applied per run below; validated once here
         _build_kernels(model, artifact, config, ids)
-        times: dict[str, list[float]] = {"dense": [], "dam": [], "null": []}
-        dec: dict[str, list[float]] = {"dense": [], "dam": []}
-        null = _NullAttention(model)
-        for r in range(runs):
-            with null, torch.no_grad():  # the model without attention (for the attention share)
-                t_null = _timed(lambda ids=ids: model(ids, use_cache=True), dev)
-            if r >= config.warmup:
-                times["null"].append(t_null)
-            for mode in ("dense", "dam"):
-                h = _apply(model, artifact, config) \
-                    if mode == "dam" else None
-                try:
-                    box: dict = {}
-
-                    def run(box=box, ids=ids):
-                        with torch.no_grad():
-                            box["out"] = model(ids, use_cache=True)
-
-                    t = _timed(run, dev)
-                    out = box.pop("out")
-                    last = out.logits[:, -1:].argmax(-1)
-                    with torch.no_grad():
-                        d = _decode_run(model, out.past_key_values, last, n, config.decode_tokens, dev)
-                    del out
-                finally:
-                    if h is not None:
-                        h.remove()
-                if r >= config.warmup:
-                    times[mode].append(t)
-                    dec[mode].append(d)
-                done += 1
-                if progress:
-                    progress(done, total)
-        peaks: dict[str, int | None] = {}
-        for mode in ("dense", "dam"):
-            h = _apply(model, artifact, config) if mode == "dam" else None
-            try:
-                with _PeakMemory(dev) as pm, torch.no_grad():
-                    model(ids, use_cache=True)
-            finally:
-                if h is not None:
-                    h.remove()
-            peaks[mode] = pm.peak
+        times, dec = _time_prefill_decode(model, artifact, config, ids, runs, tick)
+        peaks = {mode: _peak_memory(model, artifact if mode == "dam" else None, config, ids)
+                 for mode in ("dense", "dam")}
         density, n_dense, plan_s = _effective_density(model, artifact, config, ids)
-        # attention only: one layer's call as the runtime makes it (dense rule, plan, kernel)
-        with apply(model, artifact, backend=config.backend, min_length=1, last_query=config.last_query) as h:
-            h.layout_hook = lambda _layer, _q, _k, layout: layout  # every layer plans: none runs dense
-            q, k, v, scale, layout = _capture_qkv(model, h, layer, ids)
-        h_run = _apply(model, artifact, config)
-        try:
-            def dam_attn(q=q, k=k, v=v, scale=scale, h_run=h_run):
-                return h_run.attend(layer, q, k, v, scale)
-
-            def dense_attn(q=q, k=k, v=v, scale=scale):
-                return _kernels.dense_attention(q, k, v, scale=scale)
-
-            at: dict[str, list[float]] = {"dense": [], "dam": []}
-            with torch.no_grad():
-                for r in range(runs):
-                    for mode, fn in (("dense", dense_attn), ("dam", dam_attn)):
-                        t = _timed(fn, dev)
-                        if r >= config.warmup:
-                            at[mode].append(t)
-        finally:
-            h_run.remove()
-        lay_density = _layout_density(layout, n)
+        amed, lay_density = _attention_only(model, artifact, config, ids, layer, runs)
         med = {m: statistics.median(v) for m, v in times.items()}
         dmed = {m: statistics.median(v) for m, v in dec.items()}
-        amed = {m: statistics.median(v) for m, v in at.items()}
         share = min(1.0, max(0.0, 1.0 - med["null"] / med["dense"]))
         rows.append(BenchRow(
             length=n, prefill_dense_s=med["dense"], prefill_dam_s=med["dam"],
@@ -450,6 +390,93 @@ def bench(
     return BenchReport(rows, name, str(dtype).replace("torch.", ""), torch.get_num_threads(), cfg)
 
 
+def _attention_layer(artifact: Artifact, asked: int | None) -> int:
+    """The layer timed alone: ``asked``, else the middle one of the full-attention layers (a
+    sliding-window layer runs its band, never a planned block-sparse call)."""
+    L = artifact.num_layers
+    if asked is not None:
+        if not 0 <= asked < L:
+            raise DamRuntimeError(f"attention_layer must lie in [0, {L}), got {asked}")
+        if asked in artifact.sliding_windows():
+            raise DamRuntimeError(f"layer {asked} is a sliding-window layer (it runs its exact band); "
+                                  "pick a full-attention layer")
+        return asked
+    full = [layer for layer in range(L) if layer not in artifact.sliding_windows()]
+    return full[len(full) // 2]
+
+
+def _time_prefill_decode(model, artifact, config: BenchConfig, ids: torch.Tensor, runs: int, tick):
+    """Per run: the model without attention (the attention share), then dense and DAM prefill
+    followed by ``decode_tokens`` steps. -> ``(times {null, dense, dam}, decode {dense, dam})``."""
+    dev = ids.device
+    times: dict[str, list[float]] = {"dense": [], "dam": [], "null": []}
+    dec: dict[str, list[float]] = {"dense": [], "dam": []}
+    null = _NullAttention(model)
+    for r in range(runs):
+        with null, torch.no_grad():
+            t_null = _timed(lambda: model(ids, use_cache=True, logits_to_keep=1), dev)
+        if r >= config.warmup:
+            times["null"].append(t_null)
+        for mode in ("dense", "dam"):
+            h = _apply(model, artifact, config) if mode == "dam" else None
+            try:
+                box: dict = {}
+
+                def run(box=box):
+                    with torch.no_grad():
+                        box["out"] = model(ids, use_cache=True, logits_to_keep=1)
+
+                t = _timed(run, dev)
+                out = box.pop("out")
+                last = out.logits[:, -1:].argmax(-1)
+                with torch.no_grad():
+                    d = _decode_run(model, out.past_key_values, last, config.decode_tokens, dev)
+                del out
+            finally:
+                if h is not None:
+                    h.remove()
+            if r >= config.warmup:
+                times[mode].append(t)
+                dec[mode].append(d)
+            tick()
+    return times, dec
+
+
+def _peak_memory(model, artifact: Artifact | None, config: BenchConfig, ids: torch.Tensor) -> int | None:
+    """Peak memory of one prefill, DAM applied when ``artifact`` is given (see the module docstring)."""
+    h = _apply(model, artifact, config) if artifact is not None else None
+    try:
+        with _PeakMemory(ids.device) as pm, torch.no_grad():
+            model(ids, use_cache=True, logits_to_keep=1)
+    finally:
+        if h is not None:
+            h.remove()
+    return pm.peak
+
+
+def _attention_only(model, artifact: Artifact, config: BenchConfig, ids: torch.Tensor, layer: int, runs: int):
+    """One layer's call as the runtime makes it (dense rule, plan, kernel) against dense SDPA on
+    the same captured q/k/v. -> ``({dense, dam}: median seconds, the layer's planned density)``."""
+    dev = ids.device
+    with apply(model, artifact, backend=config.backend, min_length=1, last_query=config.last_query) as h:
+        h.layout_hook = lambda _layer, _q, _k, layout: layout  # every layer plans: none runs dense
+        q, k, v, scale, layout = _capture_qkv(model, h, layer, ids)
+    h_run = _apply(model, artifact, config)
+    fns = {"dense": lambda: _kernels.dense_attention(q, k, v, scale=scale),
+           "dam": lambda: h_run.attend(layer, q, k, v, scale)}
+    at: dict[str, list[float]] = {"dense": [], "dam": []}
+    try:
+        with torch.no_grad():
+            for r in range(runs):
+                for mode, fn in fns.items():
+                    t = _timed(fn, dev)
+                    if r >= config.warmup:
+                        at[mode].append(t)
+    finally:
+        h_run.remove()
+    return {m: statistics.median(v) for m, v in at.items()}, _layout_density(layout, ids.shape[1])
+
+
 def _build_kernels(model, artifact, config: BenchConfig, ids: torch.Tensor) -> None:
     """One untimed DAM forward, then wait for the kernel builds it started (the CPU path's
     compiled kernels build in the background; timings are of the steady state)."""
@@ -458,7 +485,7 @@ def _build_kernels(model, artifact, config: BenchConfig, ids: torch.Tensor) -> N
     from dam.kernels import cpu_flex
 
     with _apply(model, artifact, config), torch.no_grad():
-        model(ids, use_cache=False)
+        model(ids, use_cache=False, logits_to_keep=1)
     cpu_flex.wait_for_builds()
 
 

@@ -38,6 +38,7 @@ from dam.compiler import Artifact
 from ..errors import DamRuntimeError
 from ..integration import apply
 from . import methods as registry
+from .logits import forward_logits
 from .recall import measure_recall
 
 log = logging.getLogger(__name__)
@@ -251,9 +252,8 @@ def answer_correct(logits: torch.Tensor, prompt_len: int, answer_ids: Sequence[i
     return pred == list(answer_ids)
 
 
-def _dense_forward(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids[None]).logits[0]
+def _dense_forward(model, ids: torch.Tensor):
+    return forward_logits(model, ids[None])
 
 
 def evaluate(
@@ -320,7 +320,7 @@ def run_method(model: torch.nn.Module, spec: registry.MethodSpec, ctx: registry.
                      static_recall=rep.mean_static_recall, min_recall=float(rep.recall[rep.measured].min()),
                      layer_density=rep.density.mean(1).tolist(), layer_recall=rep.recall.mean(1).tolist(),
                      head_density=rep.density.tolist())
-    r.logits = rep.logits[0]
+    r.logits = rep.logits
     return r
 
 

@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dam.compiler import Artifact
+from dam.compiler.ir import LAST_QUERY_QUERIES
 
 from ..errors import DamRuntimeError
 from .baselines import ElementVSHook, MInferenceHook, OracleHook, streaming_artifact
 
 #: queries the last-query baselines look at by default (MInference's own choice)
-LAST_Q = 64
+LAST_Q = LAST_QUERY_QUERIES
 
 
 @dataclass(frozen=True)

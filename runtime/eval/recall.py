@@ -36,6 +36,7 @@ from dam.kernels import BlockLayout
 from ..errors import DamRuntimeError
 from ..integration import DamHandle
 from ..planner import static_block_mask
+from .logits import forward_logits
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ class RecallReport:
 
     recall, static_recall, oracle_recall, density, static_density: float64 ``[L, H]``
     (NaN for layers that ran dense SDPA because ``N < min_length``; ``measured [L]`` says which).
-    row_recall: float64 ``[L, H, nQB]``. logits: the DAM forward's logits ``[1, N, V]`` when
+    row_recall: float64 ``[L, H, nQB]``. logits: the DAM forward's logits ``[N, V]`` (a tensor, or
+    :class:`~dam.runtime.eval.logits.LazyLogits` for long sequences of large vocabularies) when
     asked for (``keep_logits``), else None.
     """
 
@@ -227,8 +229,11 @@ def measure_recall(
 
     handle.layout_hook = hook
     try:
-        with torch.no_grad():
-            out = model(input_ids)
+        if keep_logits:
+            logits = forward_logits(model, input_ids)
+        else:
+            with torch.no_grad():
+                model(input_ids)
     finally:
         handle.layout_hook = prev
     nqb = -(-N // B)
@@ -242,7 +247,7 @@ def measure_recall(
         rows[layer] = r.row_recall
         measured[layer] = True
     rep = RecallReport(**fig, row_recall=rows, measured=measured, length=N, block_size=B,
-                       logits=out.logits.detach() if keep_logits else None)
+                       logits=logits if keep_logits else None)
     log.info("measured recall over %d layers at N=%d: mean %.4f (static %.4f, oracle %.4f), density %.4f",
              int(measured.sum()), N, rep.mean_recall, rep.mean_static_recall, rep.mean_oracle_recall,
              rep.mean_density)

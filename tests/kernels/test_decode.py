@@ -68,6 +68,12 @@ def test_decode_triton_dtypes_and_odd_dim(dtype):
     _decode_case("triton", 2, 4, 2, 257, 16, 40, [200, 3], dtype)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_decode_mqa_head_dim_256(backend):
+    """Gemma 3's shape: one KV head for all query heads, head_dim 256."""
+    _decode_case(backend, 2, 4, 1, 300, 32, 256, [300, 77], torch.float32, shared=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_decode_cpu_dtypes(dtype):
     _decode_case("cpu", 2, 4, 1, 1000, 64, 128, [999, 64], dtype)

@@ -25,6 +25,7 @@ TRITON_CASES = [
     (1, 8, 1, 20, 1025, 16, 64, 64, True),  # GQA 8, Nk = 1025
     (1, 2, 2, 97, 130, 16, 16, 40, False),  # non-causal, D padded to 64
     (1, 4, 2, 64, 1000, 64, 64, 96, True),  # D = 96 padded to 128
+    (1, 4, 1, 70, 70, 16, 16, 256, True),  # Gemma 3: MQA, head_dim 256
 ]
 # the CPU path takes the bigger sizes
 CPU_CASES = [
@@ -34,6 +35,7 @@ CPU_CASES = [
     (1, 8, 1, 97, 97, 16, 16, 40, False),  # GQA 8, non-causal
     (1, 4, 4, 1, 1000, 16, 64, 64, True),  # a single query
     (1, 4, 2, 300, 301, 128, 16, 64, True),  # block_m > block_n, queries offset by 1
+    (1, 4, 1, 520, 520, 64, 64, 256, True),  # Gemma 3: MQA, head_dim 256
 ]
 
 

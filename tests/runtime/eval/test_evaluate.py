@@ -131,12 +131,12 @@ def test_evaluate_matches_direct_runs():
         mr = measure_recall(model, h, ids[None], keep_logits=True)
     r = runs[("dam", "text")]
     assert r.density == pytest.approx(mr.mean_density) and r.recall == pytest.approx(mr.mean_recall)
-    top1, kl, nll, dnll = compare_logits(dense, mr.logits[0], ids)
+    top1, kl, nll, dnll = compare_logits(dense, mr.logits, ids)
     assert (r.top1, r.kl, r.nll) == (pytest.approx(top1), pytest.approx(kl), pytest.approx(nll))
     q4 = 3 * ids.numel() // 4  # the last quarter of the positions alone
-    lg, dn = mr.logits[0][q4:], dense[q4:]
+    lg, dn = mr.logits[q4:], dense[q4:]
     assert r.top1_q4 == pytest.approx(float((lg.argmax(-1) == dn.argmax(-1)).double().mean()))
-    assert r.kl_q4 == pytest.approx(compare_logits(dense[q4:], mr.logits[0][q4:], ids[q4:])[1])
+    assert r.kl_q4 == pytest.approx(compare_logits(dense[q4:], mr.logits[q4:], ids[q4:])[1])
     assert runs[("dense", "text")].nll == pytest.approx(dnll)
     assert runs[("dense", "text")].top1 == 1.0 and runs[("dense", "text")].kl == pytest.approx(0, abs=1e-7)
     # the baselines: density matched to DAM's on the same input, oracle at DAM's recall
@@ -149,7 +149,7 @@ def test_evaluate_matches_direct_runs():
         h.layout_hook = OracleHook(h, r.recall)
         orr = measure_recall(model, h, ids[None], keep_logits=True)
     assert runs[("oracle", "text")].density == pytest.approx(orr.mean_density)
-    assert runs[("oracle", "text")].top1 == pytest.approx(compare_logits(dense, orr.logits[0], ids)[0])
+    assert runs[("oracle", "text")].top1 == pytest.approx(compare_logits(dense, orr.logits, ids)[0])
     # retrieval: correctness is the dense argmax check
     full = torch.cat([samples[1].input_ids, torch.tensor([5, 6])])
     with torch.no_grad():

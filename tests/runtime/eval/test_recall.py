@@ -62,7 +62,7 @@ def test_measure_recall_matches_brute_force(n, heads, kv):
         h.layout_hook = grab  # chained: measure_recall runs it first
         rep = measure_recall(model, h, ids, keep_logits=True, max_elements=4 * n * heads)  # many chunks
         assert h.layout_hook is grab  # restored
-    torch.testing.assert_close(rep.logits, plain, rtol=0, atol=0)  # the DAM forward, unchanged
+    torch.testing.assert_close(rep.logits, plain[0], rtol=0, atol=0)  # the DAM forward, unchanged
     assert rep.measured.all()
     for layer, (q, k, layout) in seen.items():
         scale = 1 / math.sqrt(q.shape[-1])
