@@ -25,6 +25,7 @@ No profiler, zarr or scikit-learn here: the caller supplies token tensors and ar
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -296,8 +297,7 @@ def evaluate(
             r = run_method(model, spec, ctx, full, config)
             r.kind, r.length = sample.kind, sample.length
             if spec.name == "dam":
-                ctx = registry.RunContext(artifacts, full.numel(), r.density, min(r.recall, 1.0),
-                                          config.max_elements, config.last_query, cache)
+                ctx = dataclasses.replace(ctx, density=r.density, recall=min(r.recall, 1.0))
             results.append(_score(r, sample, ids, dense_logits, r.logits))
             r.logits = None
             log.info("%s %s N=%d: density %.4f recall %.4f top1 %s", spec.name, sample.kind, sample.length,
