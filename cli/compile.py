@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from dam.compiler.ir import DEFAULT_LAST_QUERY, DEFAULT_RECALL
+
 from .common import one_line_errors, parse_length
 
 
@@ -24,7 +26,8 @@ def _clusters(text: str | None):
 @click.command("compile")
 @click.argument("store", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="Output artifact (ART.safetensors).")
-@click.option("--recall", default=0.95, show_default=True, type=float, help="Attention-mass recall target.")
+@click.option("--recall", default=DEFAULT_RECALL, show_default=True, type=float,
+              help="Recall target of each head's program (of its value-aware block weight; see --objective).")
 @click.option("--method", type=click.Choice(["recall", "dam-paper"]), default="recall", show_default=True,
               help="recall: cheapest program meeting --recall; dam-paper: the seed paper's pattern match.")
 @click.option("--clusters", default=None, help="Share programs: K clusters, or 'auto' (default: none).")
@@ -45,10 +48,11 @@ def _clusters(text: str | None):
                    "mean density (cheap local heads go above it, diffuse heads below).")
 @click.option("--min-head-recall", default=0.0, show_default=True, type=float,
               help="With --allocate global: no head below this estimated recall.")
-@click.option("--last-query", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0),
+@click.option("--last-query", default=None, type=click.FloatRange(0.0, 1.0),
               help="Runtime default stored in the artifact: blocks estimated per input from the last "
                    "queries' attention (verticals + slashes), added to each non-dense head, as a "
-                   "fraction of its causal blocks (0: off; `dam eval/bench --last-query` override it).")
+                   f"fraction of its causal blocks (default {DEFAULT_LAST_QUERY} with --method recall, "
+                   "0 with dam-paper; 0: off; `dam eval/bench --last-query` override it).")
 @click.option("--last-query-queries", default=64, show_default=True, type=click.IntRange(min=1),
               help="How many last queries that estimate uses.")
 @click.option("--max-verticals", default=16, show_default=True, type=click.IntRange(min=0),

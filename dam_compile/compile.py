@@ -24,6 +24,8 @@ from .fit import (
     fit_head_frontier,
 )
 from .ir import (
+    DEFAULT_LAST_QUERY,
+    DEFAULT_RECALL,
     LAST_QUERY_QUERIES,
     ArtifactError,
     MaskProgram,
@@ -36,6 +38,7 @@ from .profile import Profile, read_profile
 log = logging.getLogger(__name__)
 
 METHODS = ("recall", "dam-paper")
+
 ALLOCATIONS = ("head", "global")
 OBJECTIVES = ("auto", "mass", "error")
 Progress = Callable[[int, int], None]
@@ -65,13 +68,14 @@ class CompileConfig:
     last_query: the runtime default written to ``metadata["runtime"]``: a budget of blocks the
         runtime estimates per input from the last queries' attention (verticals and slashes,
         ``dam.runtime.estimate``), added to every non-dense head as a fraction of its causal
-        blocks (0: off). The programs are fitted without it; ``figures`` add the density bound
+        blocks (0: off; None: ``DEFAULT_LAST_QUERY`` for ``recall``, 0 for ``dam-paper``). The
+        programs are fitted without it; ``figures`` add the density bound
         ``mean_density_with_last_query`` (each non-dense head ``min(1, density + last_query)``).
     last_query_queries: how many last queries the runtime estimate uses.
     """
 
     method: str = "recall"
-    recall: float = 0.95
+    recall: float = DEFAULT_RECALL
     target_length: int | None = None
     max_density: float = 0.9
     clusters: int | str | None = None
@@ -88,7 +92,7 @@ class CompileConfig:
     allocate: str = "head"
     min_head_recall: float = 0.0
     objective: str = "auto"
-    last_query: float = 0.0
+    last_query: float | None = None
     last_query_queries: int = LAST_QUERY_QUERIES
 
     def __post_init__(self) -> None:
@@ -101,6 +105,8 @@ class CompileConfig:
             raise ArtifactError(f"clusters must be a positive int or 'auto', got {c!r}")
         if not (0.0 <= self.tau <= 1.0) or not (0.0 < self.mu <= 1.0):
             raise ArtifactError(f"tau must lie in [0, 1] and mu in (0, 1], got {self.tau}, {self.mu}")
+        if self.last_query is None:  # the recipe's budget; the seed paper's method has none
+            object.__setattr__(self, "last_query", DEFAULT_LAST_QUERY if self.method == "recall" else 0.0)
         check_fraction(self.last_query, "last_query")
         check_positive_int(self.last_query_queries, "last_query_queries")
         if self.objective not in OBJECTIVES:

@@ -28,6 +28,10 @@ class ArtifactError(ValueError):
 
 #: how many last queries the run-time estimate reads by default (MInference's choice)
 LAST_QUERY_QUERIES = 64
+#: the shipped recipe (``artifacts/README.md``): programs recall 90 % of each head's block weight,
+#: and the runtime adds up to 15 % of causal blocks estimated from the last queries
+DEFAULT_RECALL = 0.9
+DEFAULT_LAST_QUERY = 0.15
 
 
 def check_fraction(value, name: str, *, exc: type[Exception] = ArtifactError, allow_none: bool = False,

@@ -19,6 +19,11 @@ from .models import load_model, model_fingerprint, resolve_dtype
 
 log = logging.getLogger(__name__)
 
+#: the shipped recipe (``artifacts/README.md``): three samples (of ``builtin:mix``: code, pass-key,
+#: key-value retrieval), the full map of the first 256 queries kept
+DEFAULT_SAMPLES = 3
+DEFAULT_CAPTURE_LENGTH = 256
+
 
 @dataclass(frozen=True)
 class ProfileConfig:
@@ -26,15 +31,16 @@ class ProfileConfig:
 
     ``samples`` is the number of samples the store holds when the run ends: a fresh run
     captures that many; with ``resume`` the existing samples count towards it and the run
-    continues the same deterministic sample stream after them.
+    continues the same deterministic sample stream after them. ``capture_length`` None means
+    ``DEFAULT_CAPTURE_LENGTH`` or the length when that is shorter.
     """
 
     model: str
     out: str
     data: str = "builtin:mix"
     length: int = 1024
-    samples: int = 8
-    capture_length: int = 128
+    samples: int = DEFAULT_SAMPLES
+    capture_length: int | None = None
     block_size: int = 64
     batch_size: int = 1
     seed: int = 0
@@ -46,6 +52,8 @@ class ProfileConfig:
     chunk: int | None = None
 
     def __post_init__(self):
+        if self.capture_length is None and isinstance(self.length, int):
+            object.__setattr__(self, "capture_length", min(DEFAULT_CAPTURE_LENGTH, self.length))
         for name in ("length", "samples", "capture_length", "block_size", "batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

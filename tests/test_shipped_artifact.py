@@ -28,6 +28,10 @@ def _smollm2_config():
                        head_dim=64)
 
 
+def cal_len(art) -> int:
+    return art.metadata["calibration"]["length"]
+
+
 def test_shipped_artifact_loads_and_matches_smollm2():
     art = load_artifact(ART)
     cfg = _smollm2_config()
@@ -39,10 +43,25 @@ def test_shipped_artifact_loads_and_matches_smollm2():
     assert art.metadata["compile"]["method"] == "recall" and art.metadata["compile"]["recall"] == 0.9
     assert art.metadata["runtime"]["last_query"] == 0.15
     assert art.block_size == 64
-    # the documented command is the one recorded in the artifact's provenance
+    # the documented commands are the defaults plus model, data and length: the recorded settings
+    # are the default ones (target length = the profiled length; objective auto resolved)
+    import dataclasses
+
+    from dam.compiler import CompileConfig
+    from dam.profiler import ProfileConfig
+
+    recorded = art.metadata["compile"]
+    for f in dataclasses.fields(CompileConfig):
+        want = {"target_length": art.metadata["calibration"]["length"], "objective": "error"}.get(
+            f.name, getattr(CompileConfig(), f.name))
+        assert recorded[f.name] == want, f.name
+    cal, pdef = art.metadata["calibration"], ProfileConfig(model="m", out="x", length=cal_len(art))
+    assert (cal["samples"], cal["capture_length"], cal["seed"], cal["batch_size"]) == (
+        pdef.samples, pdef.capture_length, pdef.seed, pdef.batch_size)
     readme = (ROOT / "artifacts" / "README.md").read_text()
-    assert "dam compile" in readme and str(art.metadata["compile"]["target_length"]) in readme.replace("8k", "8192")
-    assert "--recall 0.9 --last-query 0.15" in readme
+    assert "dam profile smollm2-135m --data builtin:mix --length 8k --out" in readme
+    assert "dam compile /tmp/smollm2-mix-8k.zarr --out artifacts/smollm2-135m.dam.safetensors" in readme
+    assert cal["length"] == 8192 and pdef.data == "builtin:mix"
     json.dumps(art.metadata)
 
 

@@ -70,3 +70,18 @@ def test_bad_length_and_help():
     assert r.exit_code == 2 and "not a length" in r.output
     r = CliRunner().invoke(main, ["profile", "--help"])
     assert r.exit_code == 0 and "--capture-length" in r.output and "--resume" in r.output
+
+
+def test_cli_defaults_are_the_configs():
+    """The flags' defaults are ProfileConfig's (the shipped recipe), and the capture length follows a
+    short --length down instead of failing."""
+    from dam.cli.profile import profile as cmd
+    from dam.profiler import ProfileConfig
+    from dam.profiler.run import DEFAULT_CAPTURE_LENGTH
+
+    flags = {p.name: p.default for p in cmd.params}
+    cfg = ProfileConfig(model="m", out="x.zarr")
+    assert flags["samples"] == cfg.samples and flags["data"] == cfg.data and flags["block_size"] == cfg.block_size
+    assert int(flags["length"]) == cfg.length and cfg.capture_length == DEFAULT_CAPTURE_LENGTH
+    assert ProfileConfig(model="m", out="x.zarr", length=100).capture_length == 100
+    assert ProfileConfig(model="m", out="x.zarr", length=4096, capture_length=32).capture_length == 32

@@ -9,6 +9,7 @@ from dam.compiler import CompileConfig, MaskProgram, compile_profile, read_profi
 from dam.compiler.cluster import union_program
 from dam.compiler.compile import head_stats
 from dam.compiler.fit import FitParams, evaluate_program
+from dam.compiler.ir import DEFAULT_RECALL
 
 T = 4096
 
@@ -23,7 +24,7 @@ def unclustered(prof):
     return compile_profile(prof, CompileConfig(target_length=T))
 
 
-def _check_members(prof, art, target=0.95):
+def _check_members(prof, art, target=DEFAULT_RECALL):
     params = FitParams(recall=target, target_length=T)
     for layer in range(prof.num_layers):
         for h in range(prof.num_heads):
