@@ -3,7 +3,7 @@
 ``measure_recall(model, handle, input_ids)`` runs one DAM forward with a ``layout_hook`` that, per
 layer, computes the exact causal attention probabilities of the call's (post-RoPE) queries and keys
 in query chunks (never ``[H, N, N]`` at once: at most ``max_elements`` scores per chunk; float32
-softmax, sums in float64), pools them into ``B x B`` blocks and scores the layout it was given:
+softmax and per-block row sums, float64 beyond), pools them into ``B x B`` blocks and scores the layout it was given:
 
 * ``recall [L, H]``: attention mass inside the kept blocks (block mask and causal), averaged over
   query rows, i.e. ``sum_{kept (a, b)} mass[a, b] / Nq`` where ``mass[a, b]`` is the summed
@@ -114,8 +114,9 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
     ``q [Bt, Hq, Nq, D]`` are the last ``Nq`` of ``Nk`` positions, ``k [Bt, Hkv, Nk, D]`` (GQA by
     index, never repeated). Entry ``[b, h, a, c]`` is the summed softmax probability of query
     block ``a``'s rows on key block ``c`` (each query row sums to 1). Computed per chunk of query
-    rows (a whole number of blocks; at most ``max_elements`` scores per chunk), scores and softmax
-    in float32 (float64 for float64 inputs), block sums in float64.
+    rows (a whole number of blocks; at most ``max_elements`` scores per chunk), scores, softmax and
+    each row's sum over one key block (B terms) in float32 (float64 for float64 inputs), the sums
+    over rows and chunks in float64.
     """
     Bt, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -131,18 +132,24 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
     kf = k.to(cdt)
     for r0 in range(0, Nq, rows):
         r1 = min(Nq, r0 + rows)
-        kend = off + r1  # keys past the chunk's last query are masked anyway
-        qc = q[:, :, r0:r1].to(cdt).reshape(Bt, Hkv, G, r1 - r0, D)
-        s = torch.matmul(qc * scale, kf[:, :, None, :kend].transpose(-1, -2))  # [Bt,Hkv,G,r,kend]
-        qpos = off + torch.arange(r0, r1, device=q.device)
-        causal = torch.arange(kend, device=q.device)[None, :] <= qpos[:, None]
-        s = s.masked_fill(~causal, float("-inf"))
-        p = torch.softmax(s, dim=-1).reshape(Bt, Hq, r1 - r0, kend)
-        padr = -(r1 - r0) % B
-        padk = nkb * B - kend
-        p = torch.nn.functional.pad(p, (0, padk, 0, padr))
-        pb = p.reshape(Bt, Hq, -1, B, nkb, B).sum((3, 5), dtype=torch.float64)
-        out[:, :, r0 // B:r0 // B + pb.shape[2]] += pb.cpu()
+        r = r1 - r0
+        kend = off + r1  # keys past the chunk's last query are masked anyway: stop at their block's end
+        kb = -(-kend // B)
+        kcut = min(kb * B, Nk)
+        qc = q[:, :, r0:r1].to(cdt).reshape(Bt, Hkv, G, r, D)
+        s = torch.matmul(qc * scale, kf[:, :, None, :kcut].transpose(-1, -2))  # [Bt,Hkv,G,r,kcut]
+        # causal: only keys after off + r0 can be in any row's future
+        lo = off + r0
+        fut = torch.arange(lo, kcut, device=q.device)[None, :] > torch.arange(lo, lo + r, device=q.device)[:, None]
+        s[..., lo:].masked_fill_(fut, float("-inf"))
+        p = torch.softmax(s, dim=-1).reshape(Bt, Hq, r, kcut)
+        if kcut < kb * B:
+            p = torch.nn.functional.pad(p, (0, kb * B - kcut))
+        pk = p.reshape(Bt, Hq, r, kb, B).sum(-1).double()  # per row and key block (B terms, each <= 1)
+        if r % B:
+            pk = torch.nn.functional.pad(pk, (0, 0, 0, -r % B))
+        pb = pk.reshape(Bt, Hq, -1, B, kb).sum(3)
+        out[:, :, r0 // B:r0 // B + pb.shape[2], :kb] += pb.cpu()
     return out
 
 

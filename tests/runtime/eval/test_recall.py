@@ -16,7 +16,7 @@ from dam.runtime.eval.recall import block_mass, measure_recall, top1_agreement
 from .._helpers import MIXED_PROGRAMS, make_artifact, tiny_model
 
 F64 = dict(rtol=1e-9, atol=1e-9)
-# float32 softmax summed in float64 vs a float64 brute force: a few fp32 eps per row sum
+# float32 softmax and per-block row sums (B terms) vs a float64 brute force: a few fp32 eps per row sum
 F32 = dict(rtol=0, atol=64 * torch.finfo(torch.float32).eps)
 
 
