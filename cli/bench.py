@@ -29,10 +29,12 @@ from .common import one_line_errors, parse_lengths
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
               show_default=True, help="Model dtype; auto: bf16 on a GPU or a CPU with native bf16 "
                                       "(AMX/AVX512-BF16), else float32.")
+@click.option("--prefill-only", is_flag=True,
+              help="Time prefill and decode only (no attention share, peak memory or attention-only timing).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the JSON here.")
 @one_line_errors
 def bench(model, artifact, lengths, data, repeats, warmup, decode_tokens, backend, min_length, decode, last_query,
-          device, dtype, out):
+          device, dtype, prefill_only, out):
     """Time MODEL with DAM's ARTIFACT against dense attention (bf16 where the device runs it natively)."""
     import sys
 
@@ -53,7 +55,7 @@ def bench(model, artifact, lengths, data, repeats, warmup, decode_tokens, backen
         click.echo(f"dtype {dtype} (auto for {device}; --dtype float32 to change)")
     extra = {} if min_length is None else {"min_length": min_length}
     cfg = BenchConfig(repeats=repeats, warmup=warmup, decode_tokens=decode_tokens, backend=backend,
-                      decode=decode, last_query=last_query, **extra)
+                      decode=decode, last_query=last_query, prefill_only=prefill_only, **extra)
     art = load_artifact(artifact)
     mdl, tok = load_model(model, device=device, dtype=dtype)
     inputs = {n: calibration_samples(data, tok, n, 1, start=64) for n in parse_lengths(lengths)}

@@ -7,6 +7,9 @@ much per kept block (``benchmarks/results/kernels_cpu_bfloat16.json``). So causa
 tensors runs here once a kernel for its signature (dtype, heads, head dim, layout block sizes)
 is compiled, and on the ATen path until then:
 
+* on a CPU without AMX-BF16 (AVX512-BF16 alone, such as AMD's Zen 4) the compiled bf16 kernel
+  measured slower than the ATen path, so there it is off unless ``DAM_CPU_FLEX`` asks for it
+  (:func:`attention_mode`);
 * nothing is compiled at install time; kernels are built on first use with
   ``torch.compile(flex_attention, dynamic=True)`` (one build serves every sequence length) and
   cached on disk by inductor;
@@ -26,6 +29,7 @@ backward structures are built.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -55,6 +59,28 @@ def mode() -> str:
     if v in ("0", "off", "false", "no"):
         return "off"
     return "sync" if v == "sync" else "background"
+
+
+def attention_mode() -> str:
+    """:func:`mode` for the attention kernel. Unset ``DAM_CPU_FLEX`` means ``"background"`` on a CPU
+    with AMX-BF16 and ``"off"`` on one without: there the compiled bf16 kernel measured slower than
+    the ATen path (``benchmarks/results/INDEX.md``, the kernel benchmarks per CPU)."""
+    if "DAM_CPU_FLEX" not in os.environ and "amx_bf16" not in cpu_flags():
+        return "off"
+    return mode()
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (``/proc/cpuinfo``; empty where that cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 @dataclass
@@ -202,7 +228,7 @@ def try_attention(q, k, v, layout: BlockLayout, *, causal: bool, scale: float, o
     ready (True); otherwise start a build if none was tried and return False (the caller takes
     the ATen path). Calls that want the LSE or a gradient take the ATen path (the CPU template
     gives neither)."""
-    m = mode()
+    m = attention_mode()
     if m == "off" or not causal or lse is not None or q.dtype not in _DTYPES or q.shape[-1] != v.shape[-1] \
             or q.shape[2] == 0 or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return False

@@ -1,7 +1,7 @@
 """End-to-end timing: prefill and per-token decode, DAM vs dense, plus attention-only time.
 
 ``bench(model, artifact, inputs, config)`` times, per length, on the model's own device and dtype
-(the caller picks: GPU bf16 when present, else CPU fp32):
+(the caller picks; ``default_dtype``: bf16 on a GPU or a CPU with native bf16, else fp32):
 
 * prefill: ``model(ids, logits_to_keep=1)`` (cache built; the last position's logits, as
   ``generate``'s prefill computes them), dense vs DAM, interleaved per repeat;
@@ -14,6 +14,8 @@
   where that is not available.
 
 Medians of ``repeats`` runs after ``warmup`` runs; the ratios (dense / DAM) come from the same run.
+``prefill_only`` keeps prefill and decode alone (no attention share, effective density, peak
+memory or attention-only timing: those figures are NaN / None), for a quick side-by-side.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class BenchConfig:
     """Attributes: repeats (median over them), warmup (untimed runs first), decode_tokens (steps
     timed per decode run), backend, min_length (as :func:`dam.runtime.apply`), attention_layer
     (the layer of the attention-only timing; None = the middle layer), decode (see
-    :class:`dam.runtime.RuntimeConfig`), last_query (``None``: the artifact's default)."""
+    :class:`dam.runtime.RuntimeConfig`), last_query (``None``: the artifact's default),
+    prefill_only (time prefill and decode only; see the module docstring)."""
 
     repeats: int = 3
     warmup: int = 1
@@ -50,6 +53,7 @@ class BenchConfig:
     attention_layer: int | None = None
     decode: str = "auto"
     last_query: float | None = None
+    prefill_only: bool = False
 
     def __post_init__(self) -> None:
         for name in ("repeats", "decode_tokens", "min_length"):
@@ -122,14 +126,20 @@ class BenchReport:
         for r in self.rows:
             lines.append(
                 f"{r.length:>7} {r.prefill_dense_s:>13.3f}s {r.prefill_dam_s:>11.3f}s {r.prefill_speedup:>5.2f}x "
-                f"{r.ceiling:>7.2f}x {100 * r.attn_share:>5.0f}% {r.density:>8.3f} {r.dense_layers:>8d} "
-                f"{100 * r.plan_share:>5.1f}% "
+                f"{_num(r.ceiling, '{:.2f}x'):>8} {_num(100 * r.attn_share, '{:.0f}%'):>6} "
+                f"{_num(r.density, '{:.3f}'):>8} {r.dense_layers:>8d} {_num(100 * r.plan_share, '{:.1f}%'):>6} "
                 f"{1e3 * r.decode_dense_s_per_token:>10.2f}ms {1e3 * r.decode_dam_s_per_token:>8.2f}ms "
-                f"{r.decode_speedup:>5.2f}x {1e3 * r.attn_dense_s:>8.2f}ms {1e3 * r.attn_dam_s:>6.2f}ms "
-                f"{r.attn_speedup:>5.2f}x {_mib(r.peak_mem_dense_bytes):>11} {_mib(r.peak_mem_dam_bytes):>9}")
+                f"{r.decode_speedup:>5.2f}x {_num(1e3 * r.attn_dense_s, '{:.2f}ms'):>11} "
+                f"{_num(1e3 * r.attn_dam_s, '{:.2f}ms'):>9} {_num(r.attn_speedup, '{:.2f}x'):>6} "
+                f"{_mib(r.peak_mem_dense_bytes):>11} {_mib(r.peak_mem_dam_bytes):>9}")
         lines.append("ceiling = 1 / (1 - attn% + attn% * density): the prefill speed-up if attention took "
                      "density x its dense time (dense L: layers the dense rule ran dense, density 1)")
         return "\n".join(lines)
+
+
+def _num(x: float, fmt: str) -> str:
+    """``fmt`` of x, or "-" for a figure not measured (NaN)."""
+    return "-" if x != x else fmt.format(x)
 
 
 def _mib(b: int | None) -> str:
@@ -212,15 +222,9 @@ def default_dtype(device: str | torch.device) -> str:
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU has native bf16 matmul instructions (amx_bf16 or avx512_bf16)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"amx_bf16", "avx512_bf16"})
-    except OSError:
-        return False
-    return False
+    from dam.kernels.cpu_flex import cpu_flags
+
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
 def _null_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -362,13 +366,19 @@ def bench(
         _apply(model, artifact, config).remove()  # re-applied per run below; validated once here
         _build_kernels(model, artifact, config, ids)
         times, dec = _time_prefill_decode(model, artifact, config, ids, runs, tick)
-        peaks = {mode: _peak_memory(model, artifact if mode == "dam" else None, config, ids)
-                 for mode in ("dense", "dam")}
-        density, n_dense, plan_s = _effective_density(model, artifact, config, ids)
-        amed, lay_density = _attention_only(model, artifact, config, ids, layer, runs)
-        med = {m: statistics.median(v) for m, v in times.items()}
+        nan = float("nan")
+        if config.prefill_only:
+            peaks = {"dense": None, "dam": None}
+            density, n_dense, plan_s = nan, 0, nan
+            amed, lay_density = {"dense": nan, "dam": nan}, nan
+        else:
+            peaks = {mode: _peak_memory(model, artifact if mode == "dam" else None, config, ids)
+                     for mode in ("dense", "dam")}
+            density, n_dense, plan_s = _effective_density(model, artifact, config, ids)
+            amed, lay_density = _attention_only(model, artifact, config, ids, layer, runs)
+        med = {m: statistics.median(v) for m, v in times.items() if v}
         dmed = {m: statistics.median(v) for m, v in dec.items()}
-        share = min(1.0, max(0.0, 1.0 - med["null"] / med["dense"]))
+        share = min(1.0, max(0.0, 1.0 - med["null"] / med["dense"])) if times["null"] else nan
         rows.append(BenchRow(
             length=n, prefill_dense_s=med["dense"], prefill_dam_s=med["dam"],
             prefill_speedup=med["dense"] / med["dam"],
@@ -386,7 +396,7 @@ def bench(
     if dev.type == "cpu":
         from dam.kernels import cpu_flex
 
-        cfg["cpu_kernel"] = {"flex_mode": cpu_flex.mode(), "flex_ready": cpu_flex.ready_signatures()}
+        cfg["cpu_kernel"] = {"flex_mode": cpu_flex.attention_mode(), "flex_ready": cpu_flex.ready_signatures()}
     return BenchReport(rows, name, str(dtype).replace("torch.", ""), torch.get_num_threads(), cfg)
 
 
@@ -413,10 +423,11 @@ def _time_prefill_decode(model, artifact, config: BenchConfig, ids: torch.Tensor
     dec: dict[str, list[float]] = {"dense": [], "dam": []}
     null = _NullAttention(model)
     for r in range(runs):
-        with null, torch.no_grad():
-            t_null = _timed(lambda: model(ids, use_cache=True, logits_to_keep=1), dev)
-        if r >= config.warmup:
-            times["null"].append(t_null)
+        if not config.prefill_only:
+            with null, torch.no_grad():
+                t_null = _timed(lambda: model(ids, use_cache=True, logits_to_keep=1), dev)
+            if r >= config.warmup:
+                times["null"].append(t_null)
         for mode in ("dense", "dam"):
             h = _apply(model, artifact, config) if mode == "dam" else None
             try:

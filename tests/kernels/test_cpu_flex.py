@@ -147,3 +147,17 @@ def test_mode_switch(monkeypatch):
                         ("background", "background")):
         monkeypatch.setenv("DAM_CPU_FLEX", value)
         assert cpu_flex.mode() == want
+
+
+def test_attention_mode_follows_amx_unless_asked(monkeypatch):
+    """Unset DAM_CPU_FLEX: the compiled attention kernel on AMX-BF16 CPUs only; an explicit value wins."""
+    monkeypatch.delenv("DAM_CPU_FLEX", raising=False)
+    for flags, want in ((frozenset({"avx512_bf16"}), "off"), (frozenset({"amx_bf16", "avx512_bf16"}), "background"),
+                        (frozenset(), "off")):
+        monkeypatch.setattr(cpu_flex, "cpu_flags", lambda flags=flags: flags)
+        assert cpu_flex.attention_mode() == want
+    monkeypatch.setenv("DAM_CPU_FLEX", "sync")
+    assert cpu_flex.attention_mode() == "sync"
+    monkeypatch.setenv("DAM_CPU_FLEX", "0")
+    monkeypatch.setattr(cpu_flex, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    assert cpu_flex.attention_mode() == "off"

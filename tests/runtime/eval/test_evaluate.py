@@ -218,6 +218,21 @@ def test_bench_tiny_cpu():
         BenchConfig(repeats=0)
 
 
+def test_bench_prefill_only_skips_the_extras():
+    import math
+
+    model = tiny_model()
+    dam = make_artifact(model.config, MIXED_PROGRAMS, block_size=16)
+    rep = bench(model, dam, {128: torch.randint(0, 128, (1, 128))},
+                BenchConfig(repeats=1, warmup=0, decode_tokens=1, backend="cpu", min_length=1, prefill_only=True))
+    (r,) = rep.rows
+    assert r.prefill_dense_s > 0 and r.prefill_dam_s > 0 and r.decode_dam_s_per_token > 0
+    assert math.isnan(r.attn_share) and math.isnan(r.attn_dam_s) and math.isnan(r.density)
+    assert r.peak_mem_dense_bytes is None and rep.config["prefill_only"] is True
+    row = rep.format_table().splitlines()[2].split()
+    assert row[0] == "128" and row[4] == "-" and "nan" not in rep.format_table()
+
+
 def test_harness_imports_without_zarr_sklearn_or_profiler():
     import subprocess
     import sys
