@@ -1,19 +1,39 @@
-"""``dam demo``: the whole pipeline on the embedded default (SmolLM2-135M + built-in data).
+"""``dam demo``: DAM against dense attention and the baselines, fidelity and speed side by side.
 
-profile (small) -> compile (DAM and the seed paper's method) -> eval against dense and baselines
--> bench; one summary table at the end and the plots' paths. Steps whose outputs exist in --out
-(for the same settings) are reused; --overwrite recomputes everything.
+By default it takes the model's shipped artifact (``artifacts/``, built by the commands in
+``artifacts/README.md``) and runs it where it is meant to run: at the served length (8K for
+SmolLM2), in the dtype a user runs (bf16 on a CPU with native bf16, on a GPU), on held-out text.
+``--build`` runs the whole pipeline instead: profile -> compile (DAM and the seed paper's method)
+-> eval -> bench. Steps whose outputs exist in --out (for the same settings) are reused;
+--overwrite recomputes everything. Writes ``OUT/summary.json``, ``eval.json``, ``bench.json`` and
+the plots.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+from pathlib import Path
 
 import click
 
+from dam.compiler.ir import DEFAULT_LAST_QUERY, DEFAULT_RECALL
+
 from .common import one_line_errors, parse_length, parse_lengths
+
+#: model alias -> file name of its shipped artifact in the repository's ``artifacts/``
+SHIPPED = {"smollm2-135m": "smollm2-135m.dam.safetensors", "gemma3-270m": "gemma3-270m.dam.safetensors"}
+
+
+def shipped_artifact(model: str) -> str | None:
+    """The shipped artifact for a model alias, when this checkout has one."""
+    name = SHIPPED.get(model)
+    if name is None:
+        return None
+    path = Path(__file__).resolve().parents[1] / "artifacts" / name
+    return str(path) if path.is_file() else None
 
 
 def _stamp_ok(path: str, settings: dict) -> bool:
@@ -33,68 +53,131 @@ def _stamp(path: str, settings: dict) -> None:
 @click.command("demo")
 @click.option("--model", default="smollm2-135m", show_default=True, help="Model (alias, local dir or HF id).")
 @click.option("--out", default="out/demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--profile-data", default="builtin:mix", show_default=True)
-@click.option("--profile-length", default="1k", show_default=True)
+@click.option("--artifact", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="DAM artifact to demonstrate (default: the model's shipped artifact; --build without one).")
+@click.option("--build", is_flag=True,
+              help="Profile and compile an artifact (and the seed paper's) here instead of using a shipped one.")
+@click.option("--profile-data", default="builtin:mix", show_default=True, help="With --build: calibration data.")
+@click.option("--profile-length", default=None,
+              help="With --build: calibration length (default: the longest eval length).")
 @click.option("--profile-samples", default=3, show_default=True, type=click.IntRange(min=1))
-@click.option("--recall", default=0.9, show_default=True, type=float, help="Compile recall target.")
-@click.option("--last-query", default=0.15, show_default=True, type=click.FloatRange(0.0, 1.0),
-              help="DAM's run-time last-query budget (as `dam compile --last-query`).")
-@click.option("--lengths", default="1k", show_default=True, help="Eval lengths.")
+@click.option("--recall", default=DEFAULT_RECALL, show_default=True, type=float, help="With --build: compile recall target.")
+@click.option("--last-query", default=DEFAULT_LAST_QUERY, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="With --build: DAM's run-time last-query budget (as `dam compile --last-query`).")
+@click.option("--lengths", default="8k", show_default=True, help="Eval lengths.")
 @click.option("--eval-data", default="builtin:stdlib", show_default=True,
               help="Held-out text (stream items from --eval-start on).")
 @click.option("--eval-start", default=64, show_default=True, type=click.IntRange(min=0))
 @click.option("--samples", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Text samples and retrieval prompts per length.")
+              help="Text samples (and retrieval prompts) per length.")
+@click.option("--passkey", is_flag=True,
+              help="Also run pass-key prompts (SmolLM2-135M finds none beyond 2K even dense).")
 @click.option("--bench-lengths", default=None, help="Bench lengths (default: the eval lengths).")
 @click.option("--repeats", default=2, show_default=True, type=click.IntRange(min=1),
-              help="Timed bench runs per mode (after one warm-up).")
+              help="Timed bench runs per mode (the eval's runs are the warm-up).")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
+              show_default=True, help="Model dtype for eval and bench; auto: bf16 on a GPU or a CPU with "
+                                      "native bf16 (AMX/AVX512-BF16), else float32.")
 @click.option("--backend", type=click.Choice(["auto", "triton", "cpu"]), default="auto", show_default=True)
 @click.option("--device", default=None, help="torch device (default: cuda when present, else cpu).")
 @click.option("--overwrite", is_flag=True, help="Recompute every step even when its outputs exist.")
 @one_line_errors
-def demo(model, out, profile_data, profile_length, profile_samples, recall, last_query, lengths, eval_data, eval_start,
-         samples, bench_lengths, repeats, backend, device, overwrite):
-    """Profile, compile, evaluate and benchmark DAM end to end; print one summary table."""
+def demo(model, out, artifact, build, profile_data, profile_length, profile_samples, recall, last_query, lengths,
+         eval_data, eval_start, samples, passkey, bench_lengths, repeats, dtype, backend, device, overwrite):
+    """DAM vs dense and the baselines on held-out text: fidelity, then prefill speed; one summary table."""
     import torch
 
-    from dam.compiler import CompileConfig, compile_profile, load_artifact, save_artifact
-    from dam.profiler import ProfileConfig, calibration_samples, load_model
-    from dam.profiler import profile as run_profile
-    from dam.runtime.eval.bench import BenchConfig
-    from dam.runtime.eval.bench import bench as run_bench
-    from dam.runtime.eval.evaluate import EvalConfig, evaluate
-
-    from ._pipeline import build_samples, tqdm_progress, write_report
+    from dam.profiler import load_model
+    from dam.runtime.eval.bench import default_dtype
 
     t_start = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = default_dtype(device)
     lens = parse_lengths(lengths)
     blens = parse_lengths(bench_lengths) if bench_lengths else lens
-    plen = parse_length(profile_length)
     timings: dict[str, float] = {}
 
-    # 1. profile
-    store = os.path.join(out, "profile.zarr")
-    psettings = {"model": model, "data": profile_data, "length": plen, "samples": profile_samples}
     t0 = time.perf_counter()
+    if artifact is None and not build:
+        artifact = shipped_artifact(model)
+        if artifact is None:
+            click.echo(f"no shipped artifact for {model}: building one (--build)")
+            build = True
+    if build:
+        if artifact is not None:
+            raise click.UsageError("give --artifact or --build, not both")
+        plen = parse_length(profile_length) if profile_length else max(lens)
+        arts = _build(model, out, device, profile_data, plen, profile_samples, recall, last_query,
+                      max(lens + blens), overwrite)
+    else:
+        from dam.compiler import load_artifact
+
+        click.echo(f"[1/3] artifact {artifact} (--build to profile and compile your own)")
+        arts = {"dam": load_artifact(artifact)}
+    timings["artifact"] = time.perf_counter() - t0
+
+    step = 3 if build else 2
+    total = 4 if build else 3
+    t0 = time.perf_counter()
+    click.echo(f"[{step}/{total}] eval at {', '.join(map(str, lens))} tokens, {dtype}, on held-out {eval_data}")
+    mdl, tok = load_model(model, device=device, dtype=dtype)
+    tasks = ("fidelity", "recall", *(("passkey",) if passkey else ()))
+    report, paths = _eval(mdl, tok, arts, out, model, eval_data, eval_start, lens, samples, tasks, backend,
+                          device, dtype)
+    timings["eval"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    click.echo(f"[{total}/{total}] bench prefill and decode at {', '.join(map(str, blens))} tokens, {dtype}, "
+               f"on {device}")
+    brep = _bench(mdl, tok, arts["dam"], out, eval_data, eval_start, blens, repeats, backend,
+                  warmup=0 if set(blens) <= set(lens) else 1)
+    timings["bench"] = time.perf_counter() - t0
+
+    from dam.runtime.eval.record import write_result
+
+    rows = report.rows()
+    summary = summary_json(rows, brep.rows, dtype)
+    spath = os.path.join(out, "summary.json")
+    timings["total"] = time.perf_counter() - t_start
+    write_result(spath, {"model": model, "artifact": artifact or os.path.join(out, "dam.safetensors"), **summary,
+                         "steps_s": {k: round(v, 1) for k, v in timings.items()}},
+                 command="dam demo " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else None,
+                 dtype=dtype, device=device)
+    click.echo("")
+    click.echo(report.format_table())
+    click.echo("")
+    click.echo(brep.format_table())
+    click.echo("")
+    click.echo(summary_table(rows, brep.rows))
+    click.echo("steps: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    click.echo("plots: " + ", ".join(p for p in paths if p.endswith(".png")))
+    click.echo(f"json: {spath}, {paths[0]}, {os.path.join(out, 'bench.json')}")
+
+
+def _build(model, out, device, data, plen, samples, recall, last_query, target, overwrite) -> dict:
+    """Profile (reused when its settings match) and compile DAM and the seed paper's method."""
+    from dam.compiler import CompileConfig, compile_profile, load_artifact, save_artifact
+    from dam.profiler import ProfileConfig
+    from dam.profiler import profile as run_profile
+
+    from ._pipeline import tqdm_progress
+
+    store = os.path.join(out, "profile.zarr")
+    psettings = {"model": model, "data": data, "length": plen, "samples": samples}
     if overwrite or not _stamp_ok(store, psettings):
-        click.echo(f"[1/4] profile {model} on {profile_data}: {profile_samples} x {plen} tokens -> {store}")
+        click.echo(f"[1/4] profile {model} on {data}: {samples} x {plen} tokens -> {store}")
         progress, close = tqdm_progress("profile", "sample")
         try:
-            run_profile(ProfileConfig(model=model, out=store, data=profile_data, length=plen,
-                                      samples=profile_samples, device=device, overwrite=True), progress=progress)
+            run_profile(ProfileConfig(model=model, out=store, data=data, length=plen, samples=samples,
+                                      device=device, overwrite=True), progress=progress)
         finally:
             close()
         _stamp(store, psettings)
     else:
         click.echo(f"[1/4] profile: reusing {store}")
-    timings["profile"] = time.perf_counter() - t0
-
-    # 2. compile (DAM and the seed paper's method, at the longest eval length)
-    t0 = time.perf_counter()
-    target = max(lens + blens)
     arts = {}
     for name, method in (("dam", "recall"), ("dam-paper", "dam-paper")):
         path = os.path.join(out, f"{name}.safetensors")
@@ -109,68 +192,80 @@ def demo(model, out, profile_data, profile_length, profile_samples, recall, last
         else:
             click.echo(f"[2/4] compile: reusing {path}")
         arts[name] = load_artifact(path)
-    timings["compile"] = time.perf_counter() - t0
+    return arts
 
-    # 3. eval
-    t0 = time.perf_counter()
-    click.echo(f"[3/4] eval at {', '.join(map(str, lens))} tokens on held-out {eval_data}")
-    mdl, tok = load_model(model, device=device)
-    # kv-retrieval is left to `dam eval`: SmolLM2-135M fails it densely at these lengths, so in the
-    # demo it would cost a third of the eval time and show nothing
-    tasks = ("fidelity", "passkey", "recall")
-    inputs = build_samples(tok, eval_data, lens, tasks, samples, start=eval_start)
-    cfg = EvalConfig(methods=("dam", "streaming", "oracle", "minference", "dam-paper"), tasks=tasks,
-                     backend=backend)
+
+def _eval(mdl, tok, arts, out, model, data, start, lens, samples, tasks, backend, device, dtype):
+    """Every method on the same held-out inputs; writes eval.json and the plots."""
+    from dam.runtime.eval.evaluate import EvalConfig, evaluate
+
+    from ._pipeline import build_samples, tqdm_progress, write_report
+
+    inputs = build_samples(tok, data, lens, tasks, samples, start=start)
+    methods = ("dam", "streaming", "minference", *(("oracle", "dam-paper") if "dam-paper" in arts else ()))
     progress, close = tqdm_progress("eval")
     try:
-        report = evaluate(mdl, arts, inputs, cfg, progress=progress)
+        report = evaluate(mdl, arts, inputs, EvalConfig(methods=methods, tasks=tasks, backend=backend),
+                          progress=progress)
     finally:
         close()
-    paths = write_report(report, out, {"model": model, "data": eval_data, "start": eval_start,
-                                       "lengths": lens, "samples": samples}, prefix="eval")
-    timings["eval"] = time.perf_counter() - t0
+    paths = write_report(report, out, {"model": model, "data": data, "start": start, "lengths": lens,
+                                       "samples": samples, "device": device, "dtype": dtype}, prefix="eval")
+    return report, paths
 
-    # 4. bench (GPU bf16 when present)
-    t0 = time.perf_counter()
-    click.echo(f"[4/4] bench at {', '.join(map(str, blens))} tokens on {device}")
-    if device.startswith("cuda"):
-        mdl, tok = load_model(model, device=device, dtype="bfloat16")
-    binputs = {n: calibration_samples(eval_data, tok, n, 1, start=eval_start) for n in blens}
+
+def _bench(mdl, tok, artifact, out, data, start, blens, repeats, backend, warmup):
+    """Dense vs DAM prefill/decode, side by side in this run; writes bench.json."""
+    from dam.profiler import calibration_samples
+    from dam.runtime.eval.bench import BenchConfig
+    from dam.runtime.eval.bench import bench as run_bench
+
+    from ._pipeline import tqdm_progress
+
+    binputs = {n: calibration_samples(data, tok, n, 1, start=start) for n in blens}
     progress, close = tqdm_progress("bench")
     try:
-        brep = run_bench(mdl, arts["dam"], binputs, BenchConfig(repeats=repeats, decode_tokens=4, backend=backend,
-                                                                min_length=min(blens)), progress=progress)
+        # warmup 0 when the eval's dense and DAM forwards at these lengths came first in this process
+        cfg = BenchConfig(repeats=repeats, warmup=warmup, decode_tokens=4, backend=backend, min_length=min(blens),
+                          prefill_only=True)
+        brep = run_bench(mdl, artifact, binputs, cfg, progress=progress)
     finally:
         close()
-    bpath = os.path.join(out, "bench.json")
-    with open(bpath, "w", encoding="utf-8") as fh:
+    with open(os.path.join(out, "bench.json"), "w", encoding="utf-8") as fh:
         json.dump(brep.to_json(), fh, indent=1)
-    timings["bench"] = time.perf_counter() - t0
+    return brep
 
-    click.echo("")
-    click.echo(report.format_table())
-    click.echo("")
-    click.echo(brep.format_table())
-    click.echo("")
-    click.echo(summary_table(report.rows(), brep.rows))
-    total = time.perf_counter() - t_start
-    click.echo("steps: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {total:.0f}s")
-    click.echo("plots: " + ", ".join(p for p in paths if p.endswith(".png")))
-    click.echo(f"json: {paths[0]}, {bpath}")
+
+def summary_json(rows: list[dict], bench_rows, dtype: str) -> dict:
+    """``{"length", "dtype", "methods": {NAME: {density, recall, top1, kl, dppl, prefill_speedup}}}`` at the
+    longest eval length; prefill_speedup is measured for dense (1.0) and DAM, null for the baselines."""
+    n = max(r["length"] for r in rows)
+    speed = {b.length: b.prefill_speedup for b in bench_rows}
+    methods = {}
+    for r in rows:
+        if r["length"] != n:
+            continue
+        sp = 1.0 if r["method"] == "dense" else (speed.get(n) if r["method"] == "dam" else None)
+        methods[r["method"]] = {k: r.get(k) for k in ("density", "recall", "top1", "kl", "dppl")}
+        methods[r["method"]]["prefill_speedup"] = sp
+    return {"length": n, "dtype": dtype, "methods": methods}
 
 
 def summary_table(rows: list[dict], bench_rows) -> str:
-    """density, recall, top-1, ΔPPL per method at the longest length, and DAM's prefill speedup."""
+    """density, recall, top-1, KL, ΔPPL per method at the longest length, and DAM's prefill speedup."""
     n = max(r["length"] for r in rows)
     speed = {b.length: b.prefill_speedup for b in bench_rows}
     lines = [f"summary at {n} tokens (held-out text; baselines at DAM's block density)",
-             f"{'method':<11} {'density':>8} {'recall':>7} {'top-1':>7} {'ΔPPL':>8} {'passkey':>8} {'speedup':>8}"]
+             f"{'method':<11} {'density':>8} {'recall':>7} {'top-1':>7} {'KL':>8} {'ΔPPL':>8} {'passkey':>8} "
+             f"{'prefill':>8}"]
     for r in rows:
         if r["length"] != n:
             continue
         sp = f"{speed[n]:.2f}x" if r["method"] == "dam" and n in speed else ("1.00x" if r["method"] == "dense" else "-")
         top1 = f"{r['top1']:.4f}" if r.get("top1") is not None else "-"
+        kl = f"{r['kl']:.4f}" if r.get("kl") is not None else "-"
         dppl = f"{r['dppl']:+.2%}" if r.get("dppl") is not None else "-"
         pk = f"{r['passkey_acc']:.2f}" if r.get("passkey_acc") is not None else "-"
-        lines.append(f"{r['method']:<11} {r['density']:>8.4f} {r['recall']:>7.4f} {top1:>7} {dppl:>8} {pk:>8} {sp:>8}")
+        lines.append(f"{r['method']:<11} {r['density']:>8.4f} {r['recall']:>7.4f} {top1:>7} {kl:>8} {dppl:>8} "
+                     f"{pk:>8} {sp:>8}")
     return "\n".join(lines)
