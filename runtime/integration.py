@@ -37,7 +37,7 @@ import torch
 
 from dam.compiler import Artifact, ArtifactError
 from dam.compiler.ir import check_block_size, check_fraction, check_positive_int
-from dam.kernels import BlockLayout
+from dam.kernels import BlockLayout, cpu_flex
 
 from . import _kernels
 from .errors import DamRuntimeError
@@ -50,17 +50,30 @@ IMPL = "dam"
 DECODE_MODES = ("auto", "sparse", "dense")
 #: (device type, dtype or None for any) -> the planned density bound above which sparse prefill
 #: loses to dense SDPA, planning included: a number, or ``(kv_len, bound)`` points interpolated in
-#: log2(kv_len) and held past the ends. CPU bf16: per-layer break-evens of the SmolLM2 artifact
-#: (benchmarks/bench_dense_rule.py, benchmarks/results/dense_rule_smollm2-135m_bfloat16.json);
-#: fp16 takes bf16's (not measured apart); CPU fp32 the same way
-#: (dense_rule_smollm2-135m_float32.json: sparse lost at every density up to 4K); elsewhere not
-#: measured: never dense.
+#: log2(kv_len) and held past the ends; per-layer break-evens of the SmolLM2 artifact
+#: (benchmarks/bench_dense_rule.py; the files are listed in benchmarks/results/INDEX.md). CPU 16-bit
+#: depends on the kernel that runs it: ``"cpu"`` where the compiled kernel does (AMX-BF16 CPUs,
+#: dense_rule_smollm2-135m_bfloat16.json), ``"cpu:aten"`` where the ATen path does (CPUs without
+#: AMX, dense_rule_smollm2-135m_bfloat16_aten.json); fp16 takes bf16's (not measured apart). CPU
+#: fp32: dense_rule_smollm2-135m_float32.json (sparse lost at every density up to 4K). Elsewhere
+#: not measured: never dense.
 _CPU_16BIT_RULE = ((4096, 0.213), (8192, 0.381), (16384, 0.429))
+_CPU_16BIT_ATEN_RULE = ((4096, 0.447), (8192, 0.557), (16384, 0.679))
 DENSE_ABOVE: dict[tuple[str, torch.dtype | None], float | tuple[tuple[int, float], ...]] = {
     ("cpu", torch.bfloat16): _CPU_16BIT_RULE,
     ("cpu", torch.float16): _CPU_16BIT_RULE,
+    ("cpu:aten", torch.bfloat16): _CPU_16BIT_ATEN_RULE,
+    ("cpu:aten", torch.float16): _CPU_16BIT_ATEN_RULE,
     ("cpu", None): ((4096, 0.0), (8192, 0.215)),
 }
+
+
+def rule_device(device: torch.device, dtype: torch.dtype) -> str:
+    """The :data:`DENSE_ABOVE` device key of a call: ``"cpu:aten"`` for 16-bit CPU prefill when the
+    compiled kernel is off (:func:`dam.kernels.cpu_flex.attention_mode`), else the device type."""
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and cpu_flex.attention_mode() == "off":
+        return "cpu:aten"
+    return device.type
 
 
 def _threshold_at(rule: float | tuple[tuple[int, float], ...], kv_len: int | None) -> float:
@@ -148,7 +161,8 @@ class RuntimeConfig:
         ``dense_above``)."""
         if self.dense_above is not None:
             return float(self.dense_above)
-        rule = DENSE_ABOVE.get((device.type, dtype), DENSE_ABOVE.get((device.type, None), 1.0))
+        dev = rule_device(device, dtype)
+        rule = DENSE_ABOVE.get((dev, dtype), DENSE_ABOVE.get((device.type, None), 1.0))
         return _threshold_at(rule, kv_len)
 
     def resolve_last_query(self, artifact: Artifact) -> tuple[float, int]:

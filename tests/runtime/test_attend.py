@@ -177,14 +177,21 @@ def test_dense_rule_runs_dense_above_the_threshold_unplanned(monkeypatch):
     assert not torch.allclose(ref.float(), dense, **FP32_TOL)  # the two paths differ here
 
 
-def test_dense_rule_default_threshold_by_device_and_dtype():
-    from dam.runtime.integration import DENSE_ABOVE, _threshold_at
+@pytest.mark.parametrize("kernel_mode,key", [("background", "cpu"), ("off", "cpu:aten")])
+def test_dense_rule_default_threshold_by_device_dtype_and_kernel(monkeypatch, kernel_mode, key):
+    """16-bit CPU prefill takes the break-even of the kernel that runs it (compiled or ATen)."""
+    from dam.kernels import cpu_flex
+    from dam.runtime.integration import DENSE_ABOVE, _threshold_at, rule_device
 
+    monkeypatch.setattr(cpu_flex, "attention_mode", lambda: kernel_mode)
     cfg = RuntimeConfig()
     cpu = torch.device("cpu")
+    assert rule_device(cpu, torch.bfloat16) == rule_device(cpu, torch.float16) == key
+    assert rule_device(cpu, torch.float32) == "cpu"
     for n in (1024, 4096, 6000, 8192, 20000, None):
-        assert cfg.dense_threshold(cpu, torch.bfloat16, n) == _threshold_at(DENSE_ABOVE[("cpu", torch.bfloat16)], n)
+        assert cfg.dense_threshold(cpu, torch.bfloat16, n) == _threshold_at(DENSE_ABOVE[(key, torch.bfloat16)], n)
     assert cfg.dense_threshold(cpu, torch.float32, 8192) == _threshold_at(DENSE_ABOVE[("cpu", None)], 8192)
+    assert DENSE_ABOVE[("cpu", torch.bfloat16)] != DENSE_ABOVE[("cpu:aten", torch.bfloat16)]
     # points: held past the ends, interpolated in log2(length) between them
     pts = ((4096, 0.1), (16384, 0.3))
     assert _threshold_at(pts, 1000) == 0.1 and _threshold_at(pts, 10 ** 6) == 0.3 and _threshold_at(pts, None) == 0.3
