@@ -96,8 +96,8 @@ class BenchRow:
     attn_share: float = float("nan")
     #: mean over layers of the block density that runs (1.0 for layers the dense rule runs dense)
     density: float = float("nan")
-    #: layers the dense rule ran dense at this length
-    dense_layers: int = 0
+    #: layers the dense rule ran dense at this length (None: not measured, ``prefill_only``)
+    dense_layers: int | None = 0
     #: 1 / (1 - s + s * d): the prefill speed-up if attention took density x its dense time
     ceiling: float = float("nan")
     #: share of DAM's prefill time spent planning (static lookup, dynamic scores, estimate)
@@ -127,7 +127,7 @@ class BenchReport:
             lines.append(
                 f"{r.length:>7} {r.prefill_dense_s:>13.3f}s {r.prefill_dam_s:>11.3f}s {r.prefill_speedup:>5.2f}x "
                 f"{_num(r.ceiling, '{:.2f}x'):>8} {_num(100 * r.attn_share, '{:.0f}%'):>6} "
-                f"{_num(r.density, '{:.3f}'):>8} {r.dense_layers:>8d} {_num(100 * r.plan_share, '{:.1f}%'):>6} "
+                f"{_num(r.density, '{:.3f}'):>8} {'-' if r.dense_layers is None else r.dense_layers:>8} {_num(100 * r.plan_share, '{:.1f}%'):>6} "
                 f"{1e3 * r.decode_dense_s_per_token:>10.2f}ms {1e3 * r.decode_dam_s_per_token:>8.2f}ms "
                 f"{r.decode_speedup:>5.2f}x {_num(1e3 * r.attn_dense_s, '{:.2f}ms'):>11} "
                 f"{_num(1e3 * r.attn_dam_s, '{:.2f}ms'):>9} {_num(r.attn_speedup, '{:.2f}x'):>6} "
@@ -369,7 +369,7 @@ def bench(
         nan = float("nan")
         if config.prefill_only:
             peaks = {"dense": None, "dam": None}
-            density, n_dense, plan_s = nan, 0, nan
+            density, n_dense, plan_s = nan, None, nan
             amed, lay_density = {"dense": nan, "dam": nan}, nan
         else:
             peaks = {mode: _peak_memory(model, artifact if mode == "dam" else None, config, ids)

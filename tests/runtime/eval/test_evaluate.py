@@ -228,9 +228,9 @@ def test_bench_prefill_only_skips_the_extras():
     (r,) = rep.rows
     assert r.prefill_dense_s > 0 and r.prefill_dam_s > 0 and r.decode_dam_s_per_token > 0
     assert math.isnan(r.attn_share) and math.isnan(r.attn_dam_s) and math.isnan(r.density)
-    assert r.peak_mem_dense_bytes is None and rep.config["prefill_only"] is True
+    assert r.peak_mem_dense_bytes is None and r.dense_layers is None and rep.config["prefill_only"] is True
     row = rep.format_table().splitlines()[2].split()
-    assert row[0] == "128" and row[4] == "-" and "nan" not in rep.format_table()
+    assert row[0] == "128" and row[4] == row[7] == "-" and "nan" not in rep.format_table()
 
 
 def test_harness_imports_without_zarr_sklearn_or_profiler():
