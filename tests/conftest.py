@@ -3,6 +3,9 @@
 TRITON_INTERPRET must be set before any Triton kernel module is imported, so it is set here (the
 first thing pytest imports) whenever no CUDA device is present.
 
+Without a GPU, tests whose id names Triton run under the interpreter and count as ``slow``: the
+full run (``python -m pytest``) runs them, ``-m "not slow"`` (the quick development pass) skips them.
+
 The compiled FlexAttention CPU path (``dam.kernels.cpu_flex``) is off unless a test turns it on
 (``tests/kernels/test_cpu_flex.py``): elsewhere the tests pin the ATen path, and no test starts a
 background compiler build.
@@ -36,6 +39,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("requires_cuda") and not _HAS_CUDA:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        # Triton kernels without a GPU run under the interpreter: slow (the full run keeps them)
+        if not _HAS_CUDA and "triton" in item.nodeid.lower():
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)

@@ -24,6 +24,7 @@ def _run(args):
     return CliRunner().invoke(main, args, catch_exceptions=False)
 
 
+@pytest.mark.slow
 def test_compile_then_inspect(store, tmp_path):
     out = tmp_path / "a.safetensors"
     r = _run(["compile", store, "--out", str(out), "--target-length", "4k", "--clusters", "auto",

@@ -31,6 +31,7 @@ def tiny_dir(tmp_path_factory, dam_cache):
     return d
 
 
+@pytest.mark.slow
 def test_demo_runs_the_pipeline_and_reuses_outputs(tiny_dir, tmp_path):
     out = tmp_path / "demo"
     args = ["demo", "--model", str(tiny_dir / "model"), "--out", str(out), "--profile-data",
@@ -59,6 +60,7 @@ def test_demo_runs_the_pipeline_and_reuses_outputs(tiny_dir, tmp_path):
     assert "[1/4] profile" in changed.output and "reusing" not in changed.output
 
 
+@pytest.mark.slow
 def test_demo_with_an_artifact_evaluates_and_benches_it_and_writes_the_summary(tiny_dir, tmp_path):
     """The default path (a shipped artifact): no profile or compile; summary.json as documented."""
     built = tmp_path / "built"

@@ -34,6 +34,7 @@ def tiny_dir(tmp_path_factory, dam_cache):
     return d
 
 
+@pytest.mark.slow
 def test_eval_writes_table_json_and_plots(tiny_dir, tmp_path):
     out = tmp_path / "ev"
     r = CliRunner().invoke(main, [
@@ -55,6 +56,7 @@ def test_eval_writes_table_json_and_plots(tiny_dir, tmp_path):
         assert f" {line}" in r.output
 
 
+@pytest.mark.slow
 def test_eval_options_and_errors(tiny_dir, tmp_path):
     base = ["eval", str(tiny_dir / "model"), "--artifact", str(tiny_dir / "art.safetensors"),
             "--data", str(tiny_dir / "text.txt"), "--lengths", "160", "--backend", "cpu"]
@@ -79,6 +81,7 @@ def test_eval_options_and_errors(tiny_dir, tmp_path):
     assert missing.exit_code == 1 and "Error: ProfileError" in missing.output
 
 
+@pytest.mark.slow
 def test_bench_command(tiny_dir, tmp_path):
     out = tmp_path / "b.json"
     r = CliRunner().invoke(main, [

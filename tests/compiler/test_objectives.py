@@ -88,6 +88,7 @@ def test_allocate_global_is_near_the_brute_force_optimum():
         assert np.mean([f.density for f in got]) <= best + gap + 1e-12
 
 
+@pytest.mark.slow
 def test_allocate_global_compile(gqa_store):
     p = read_profile(gqa_store)
     per_head = compile_profile(p, CompileConfig(recall=0.9, target_length=4096)).artifact

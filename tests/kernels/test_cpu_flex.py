@@ -52,6 +52,7 @@ def sync(monkeypatch):
 CASES = [(torch.bfloat16, 200, 200, 4, 2, 4, 16), (torch.bfloat16, 150, 230, 4, 2, 1, 32)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=["per-head-16", "shared-32-chunked"])
 def test_flex_path_equals_reference(sync, case):
     dtype = case[0]
@@ -75,6 +76,7 @@ def test_lse_non_causal_and_fp32_calls_take_the_aten_path(sync):
     assert len(sync) == before
 
 
+@pytest.mark.slow
 def test_background_build_serves_aten_until_ready(monkeypatch):
     monkeypatch.setenv("DAM_CPU_FLEX", "background")
     monkeypatch.setattr(cpu_flex, "_KERNELS", {})

@@ -56,6 +56,7 @@ def compiled(monkeypatch):
     monkeypatch.setattr(scores, "_BUILT", {})
 
 
+@pytest.mark.slow
 def test_compiled_equals_definition_and_runs(compiled, monkeypatch):
     ran = []
     real = scores._per_matrix

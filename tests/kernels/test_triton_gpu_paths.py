@@ -12,6 +12,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 _FULL_CONFIGS = """
 import torch
 from dam.kernels import BlockLayout, block_sparse_attention
@@ -73,6 +75,7 @@ def _run(script: str, **env: str) -> str:
     return r.stdout
 
 
+@pytest.mark.slow
 def test_gpu_autotune_list_and_prune_hook_under_interpreter():
     """DAM_TRITON_CONFIGS=full: the interpreter autotunes over the GPU config list, through the
     prune hook (which reads LAYOUT_M/LAYOUT_N from the launcher's keyword arguments), launches

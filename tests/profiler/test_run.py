@@ -97,6 +97,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow
 def test_kill_minus_9_keeps_every_flushed_sample(tmp_path, tiny_model_dir):
     out = tmp_path / "k.zarr"
     cmd = [sys.executable, "-m", "dam.cli.main", "profile", tiny_model_dir, "--data",
@@ -123,6 +124,7 @@ def test_kill_minus_9_keeps_every_flushed_sample(tmp_path, tiny_model_dir):
     _assert_same(read_store(out)[1], read_store(ref)[1])
 
 
+@pytest.mark.slow
 def test_ctrl_c_flushes_completed_samples(tmp_path, tiny_model_dir):
     import re
     import signal
@@ -159,6 +161,7 @@ def test_ctrl_c_flushes_completed_samples(tmp_path, tiny_model_dir):
     _assert_same(st, read_store(ref)[1])
 
 
+@pytest.mark.slow
 def test_torchrun_two_gloo_ranks_equal_single_process(tmp_path, tiny_model_dir):
     out = tmp_path / "dist.zarr"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

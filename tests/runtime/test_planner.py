@@ -32,6 +32,7 @@ def _layout_mask(layout, kv_len):
     return layout.block_mask(nkb).cpu().numpy()
 
 
+@pytest.mark.slow
 def test_exhaustive_small_sizes_equal_definition():
     B = 16
     for kv_len in range(1, 75):
