@@ -236,15 +236,18 @@ def _bench(mdl, tok, artifact, out, data, start, blens, repeats, backend, warmup
     return brep
 
 
+def _longest(rows: list[dict], bench_rows) -> tuple[int, list[dict], dict[int, float]]:
+    """The longest eval length, its rows, and the bench's prefill speed-up per length."""
+    n = max(r["length"] for r in rows)
+    return n, [r for r in rows if r["length"] == n], {b.length: b.prefill_speedup for b in bench_rows}
+
+
 def summary_json(rows: list[dict], bench_rows, dtype: str) -> dict:
     """``{"length", "dtype", "methods": {NAME: {density, recall, top1, kl, dppl, prefill_speedup}}}`` at the
     longest eval length; prefill_speedup is measured for dense (1.0) and DAM, null for the baselines."""
-    n = max(r["length"] for r in rows)
-    speed = {b.length: b.prefill_speedup for b in bench_rows}
+    n, at_n, speed = _longest(rows, bench_rows)
     methods = {}
-    for r in rows:
-        if r["length"] != n:
-            continue
+    for r in at_n:
         sp = 1.0 if r["method"] == "dense" else (speed.get(n) if r["method"] == "dam" else None)
         methods[r["method"]] = {k: r.get(k) for k in ("density", "recall", "top1", "kl", "dppl")}
         methods[r["method"]]["prefill_speedup"] = sp
@@ -253,14 +256,11 @@ def summary_json(rows: list[dict], bench_rows, dtype: str) -> dict:
 
 def summary_table(rows: list[dict], bench_rows) -> str:
     """density, recall, top-1, KL, ΔPPL per method at the longest length, and DAM's prefill speedup."""
-    n = max(r["length"] for r in rows)
-    speed = {b.length: b.prefill_speedup for b in bench_rows}
+    n, at_n, speed = _longest(rows, bench_rows)
     lines = [f"summary at {n} tokens (held-out text; baselines at DAM's block density)",
              f"{'method':<11} {'density':>8} {'recall':>7} {'top-1':>7} {'KL':>8} {'ΔPPL':>8} {'passkey':>8} "
              f"{'prefill':>8}"]
-    for r in rows:
-        if r["length"] != n:
-            continue
+    for r in at_n:
         sp = f"{speed[n]:.2f}x" if r["method"] == "dam" and n in speed else ("1.00x" if r["method"] == "dense" else "-")
         top1 = f"{r['top1']:.4f}" if r.get("top1") is not None else "-"
         kl = f"{r['kl']:.4f}" if r.get("kl") is not None else "-"

@@ -28,10 +28,6 @@ def _smollm2_config():
                        head_dim=64)
 
 
-def cal_len(art) -> int:
-    return art.metadata["calibration"]["length"]
-
-
 def test_shipped_artifact_loads_and_matches_smollm2():
     art = load_artifact(ART)
     cfg = _smollm2_config()
@@ -55,7 +51,8 @@ def test_shipped_artifact_loads_and_matches_smollm2():
         want = {"target_length": art.metadata["calibration"]["length"], "objective": "error"}.get(
             f.name, getattr(CompileConfig(), f.name))
         assert recorded[f.name] == want, f.name
-    cal, pdef = art.metadata["calibration"], ProfileConfig(model="m", out="x", length=cal_len(art))
+    cal = art.metadata["calibration"]
+    pdef = ProfileConfig(model="m", out="x", length=cal["length"])
     assert (cal["samples"], cal["capture_length"], cal["seed"], cal["batch_size"]) == (
         pdef.samples, pdef.capture_length, pdef.seed, pdef.batch_size)
     readme = (ROOT / "artifacts" / "README.md").read_text()
