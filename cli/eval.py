@@ -60,6 +60,8 @@ def _methods(ctx, param, value):
 @click.option("--last-query", default=None, type=click.FloatRange(0.0, 1.0),
               help="DAM's last-query estimate budget per non-dense head, a fraction of causal blocks "
                    "(default: the artifact's; 0: off).")
+@click.option("--recall-stride", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Measure recall on every N-th query block only (a systematic sample, N times cheaper).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
               show_default=True, help="Model dtype (dense and DAM alike); auto: bf16 on a GPU or a CPU with "
@@ -68,7 +70,7 @@ def _methods(ctx, param, value):
               help="Directory for eval.json and the PNG plots.")
 @one_line_errors
 def eval_cmd(model, artifact, data, start, seed, lengths, tasks, methods, samples, profile_store, backend,
-             last_query, device, dtype, out):
+             last_query, recall_stride, device, dtype, out):
     """Evaluate MODEL with DAM's ARTIFACT and baselines against dense attention."""
     from dam.compiler import load_artifact
     from dam.profiler import load_model
@@ -90,7 +92,8 @@ def eval_cmd(model, artifact, data, start, seed, lengths, tasks, methods, sample
             arts["dam-paper"] = paper_artifact(profile_store, max(lens))
     if "dam" not in methods:
         methods = ("dam", *methods)
-    cfg = EvalConfig(methods=methods, tasks=tasks, backend=backend, last_query=last_query)
+    cfg = EvalConfig(methods=methods, tasks=tasks, backend=backend, last_query=last_query,
+                     recall_stride=recall_stride)
     if dtype == "auto":
         dtype = default_dtype(device)
         click.echo(f"dtype {dtype} (auto for {device}; --dtype float32 to change)")
@@ -104,7 +107,7 @@ def eval_cmd(model, artifact, data, start, seed, lengths, tasks, methods, sample
     report.skipped.update(skipped)
     meta = {"model": model, "artifact": artifact, "data": data, "start": start, "seed": seed,
             "lengths": lens, "samples": samples, "profile": profile_store, "backend": backend, "device": device,
-            "dtype": dtype}
+            "dtype": dtype, "recall_stride": recall_stride}
     paths = write_report(report, out, meta)
     click.echo(report.format_table())
     click.echo("wrote " + ", ".join(paths))

@@ -60,6 +60,8 @@ class EvalConfig:
         tasks: subset of :data:`TASKS` (what the report shows; recall is always measured).
         backend: kernel backend for :func:`dam.runtime.apply`.
         max_elements: scores per chunk when computing exact attention mass.
+        recall_stride: measure recall on every ``recall_stride``-th query block only (a
+            systematic sample, that many times cheaper; :func:`measure_recall`'s ``query_stride``).
         last_query: DAM's last-query estimate budget (``None``: the artifact's default; see
             :class:`dam.runtime.RuntimeConfig`). Artifact baselines keep their own default.
     """
@@ -68,6 +70,7 @@ class EvalConfig:
     tasks: tuple[str, ...] = TASKS
     backend: str = "auto"
     max_elements: int = 1 << 24
+    recall_stride: int = 1
     last_query: float | None = None
 
     def __post_init__(self) -> None:
@@ -82,6 +85,8 @@ class EvalConfig:
             raise DamRuntimeError(f"unknown tasks {bad}; choose from {', '.join(TASKS)}")
         if self.max_elements < 1:
             raise DamRuntimeError("max_elements must be positive")
+        if isinstance(self.recall_stride, bool) or not isinstance(self.recall_stride, int) or self.recall_stride < 1:
+            raise DamRuntimeError(f"recall_stride must be a positive int, got {self.recall_stride!r}")
 
 
 @dataclass(frozen=True)
@@ -315,7 +320,8 @@ def run_method(model: torch.nn.Module, spec: registry.MethodSpec, ctx: registry.
     p = registry.plan(spec, ctx)
     with apply(model, p.artifact, backend=config.backend, min_length=1, last_query=p.last_query) as handle:
         handle.layout_hook = p.hook(handle) if p.hook is not None else None
-        rep = measure_recall(model, handle, input_ids[None], keep_logits=True, max_elements=config.max_elements)
+        rep = measure_recall(model, handle, input_ids[None], keep_logits=True, max_elements=config.max_elements,
+                             query_stride=config.recall_stride)
     r = MethodResult(spec.name, "text", input_ids.numel(), density=rep.mean_density, recall=rep.mean_recall,
                      static_recall=rep.mean_static_recall, min_recall=float(rep.recall[rep.measured].min()),
                      layer_density=rep.density.mean(1).tolist(), layer_recall=rep.recall.mean(1).tolist(),

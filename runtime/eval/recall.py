@@ -18,6 +18,9 @@ softmax and per-block row sums, float64 beyond), pools them into ``B x B`` block
   by their causal block count, i.e. total kept / total causal).
 * ``row_recall [L, H, nQB]``: per query block, the recall of its rows (for length trends).
 
+``query_stride`` s > 1 measures the recalls on a systematic sample of the query blocks (the last
+one and every s-th before it), s times cheaper; density stays exact.
+
 The layout is returned unchanged (a hook set before is chained: it runs first and what it returns
 is measured), so the forward is the DAM forward and its logits can be compared with dense ones.
 
@@ -108,39 +111,46 @@ class RecallReport:
 
 
 def block_mass(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
-               max_elements: int = 1 << 24) -> torch.Tensor:
+               max_elements: int = 1 << 24, query_stride: int = 1) -> torch.Tensor:
     """Exact causal attention mass pooled into blocks, float64 ``[Bt, Hq, nQB, nKB]``.
 
     ``q [Bt, Hq, Nq, D]`` are the last ``Nq`` of ``Nk`` positions, ``k [Bt, Hkv, Nk, D]`` (GQA by
     index, never repeated). Entry ``[b, h, a, c]`` is the summed softmax probability of query
-    block ``a``'s rows on key block ``c`` (each query row sums to 1). Computed per chunk of query
-    rows (a whole number of blocks; at most ``max_elements`` scores per chunk), scores, softmax and
-    each row's sum over one key block (B terms) in float32 (float64 for float64 inputs), the sums
-    over rows and chunks in float64.
+    block ``a``'s rows on key block ``c`` (each query row sums to 1). With ``query_stride`` s > 1
+    only every s-th query block is computed (the last block and every s-th before it; the other
+    rows of the result are 0): a systematic sample of the query rows, s times cheaper. Computed per
+    chunk of query blocks (at most ``max_elements`` scores per chunk), scores, softmax and each
+    row's sum over one key block (B terms) in float32 (float64 for float64 inputs), the sums over
+    rows and chunks in float64.
     """
     Bt, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     if Hq % Hkv or Nq > Nk:
         raise DamRuntimeError(f"need Hq % Hkv == 0 and Nq <= Nk, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if query_stride < 1:
+        raise DamRuntimeError(f"query_stride must be >= 1, got {query_stride}")
     B = block_size
     G = Hq // Hkv
     nqb, nkb = -(-Nq // B), -(-Nk // B)
     off = Nk - Nq
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    rows = max(B, (max_elements // max(1, Bt * Hq * Nk)) // B * B)
+    per_chunk = max(1, (max_elements // max(1, Bt * Hq * Nk)) // B)  # query blocks per chunk
+    picked = list(range(nqb - 1, -1, -query_stride))[::-1]
     out = torch.zeros((Bt, Hq, nqb, nkb), dtype=torch.float64)
     kf = k.to(cdt)
-    for r0 in range(0, Nq, rows):
-        r1 = min(Nq, r0 + rows)
-        r = r1 - r0
-        kend = off + r1  # keys past the chunk's last query are masked anyway: stop at their block's end
-        kb = -(-kend // B)
+    for c0 in range(0, len(picked), per_chunk):
+        blocks = torch.tensor(picked[c0:c0 + per_chunk])
+        idx = (blocks[:, None] * B + torch.arange(B)[None, :]).reshape(-1)
+        idx = idx[idx < Nq]  # the last block may be partial
+        r = idx.numel()
+        pos = (off + idx).to(q.device)  # each row's absolute position
+        kb = -(-(int(pos[-1]) + 1) // B)  # keys past the chunk's last query are masked: stop at their block
         kcut = min(kb * B, Nk)
-        qc = q[:, :, r0:r1].to(cdt).reshape(Bt, Hkv, G, r, D)
+        rows = q[:, :, idx[0]:idx[-1] + 1] if query_stride == 1 else q.index_select(2, idx.to(q.device))
+        qc = rows.to(cdt).reshape(Bt, Hkv, G, r, D)
         s = torch.matmul(qc * scale, kf[:, :, None, :kcut].transpose(-1, -2))  # [Bt,Hkv,G,r,kcut]
-        # causal: only keys after off + r0 can be in any row's future
-        lo = off + r0
-        fut = torch.arange(lo, kcut, device=q.device)[None, :] > torch.arange(lo, lo + r, device=q.device)[:, None]
+        lo = int(pos[0])  # keys before the chunk's first query are visible to every row
+        fut = torch.arange(lo, kcut, device=q.device)[None, :] > pos[:, None]
         s[..., lo:].masked_fill_(fut, float("-inf"))
         p = torch.softmax(s, dim=-1).reshape(Bt, Hq, r, kcut)
         if kcut < kb * B:
@@ -148,8 +158,8 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
         pk = p.reshape(Bt, Hq, r, kb, B).sum(-1).double()  # per row and key block (B terms, each <= 1)
         if r % B:
             pk = torch.nn.functional.pad(pk, (0, 0, 0, -r % B))
-        pb = pk.reshape(Bt, Hq, -1, B, kb).sum(3)
-        out[:, :, r0 // B:r0 // B + pb.shape[2], :kb] += pb.cpu()
+        pb = pk.reshape(Bt, Hq, -1, B, kb).sum(3)  # [Bt, Hq, len(blocks), kb]
+        out[:, :, blocks, :kb] += pb.cpu()
     return out
 
 
@@ -176,17 +186,19 @@ def layout_recall(mass: torch.Tensor, layout: BlockLayout, static: torch.Tensor,
     causal = _causal_blocks(nq, nk, B)
     kept = kept & causal
     st = static[0].expand(H, nqb, nkb).cpu() & causal
-    rowm = m.sum(-1)  # [H, nqb]: rows per block (each row sums to 1)
+    rowm = m.sum(-1)  # [H, nqb]: rows per block (each row sums to 1); 0 where not sampled
+    block_rows = torch.clamp(nq - torch.arange(nqb) * B, max=B).double()  # rows per query block
+    rows = (block_rows * (rowm > 0)).sum(-1)  # rows measured: nq, or a query_stride sample of them
     cap = (m * kept).sum(-1)
-    row_recall = cap / rowm.clamp(min=1e-300)
-    recall = cap.sum(-1) / nq
-    static_recall = (m * st).sum(-1).sum(-1) / nq
+    row_recall = torch.where(rowm > 0, cap / rowm.clamp(min=1e-300), float("nan"))
+    recall = cap.sum(-1) / rows
+    static_recall = (m * st).sum(-1).sum(-1) / rows
     # oracle: static + the same number of extra blocks, heaviest first by true mass
     extra = (kept & ~st).sum(-1)  # [H, nqb]
     rem = torch.where(causal & ~st, m, torch.zeros((), dtype=m.dtype)).sort(-1, descending=True).values
     cum = torch.cat([torch.zeros((H, nqb, 1), dtype=m.dtype), rem.cumsum(-1)], -1)
     oracle_gain = cum.gather(-1, extra.unsqueeze(-1)).squeeze(-1)
-    oracle_recall = ((m * st).sum(-1) + oracle_gain).sum(-1) / nq
+    oracle_recall = ((m * st).sum(-1) + oracle_gain).sum(-1) / rows
     ncausal = causal.sum()
     return LayerRecall(
         recall=recall, static_recall=static_recall, oracle_recall=oracle_recall,
@@ -202,11 +214,14 @@ def measure_recall(
     *,
     keep_logits: bool = False,
     max_elements: int = 1 << 24,
+    query_stride: int = 1,
 ) -> RecallReport:
     """Run the DAM forward over ``input_ids [1, N]`` and measure every layer's layout.
 
     ``handle`` must be active on ``model``. Layers that ran dense SDPA (``N < min_length``) are
-    reported as not measured (NaN). See the module docstring for the figures.
+    reported as not measured (NaN). See the module docstring for the figures; with
+    ``query_stride`` s > 1 the recalls are measured on every s-th query block (the last one and
+    every s-th before it; ``row_recall`` is NaN on the others), density on all of them.
     """
     if not handle.active:
         raise DamRuntimeError("measure_recall needs an active DamHandle (apply(model, artifact) first)")
@@ -226,7 +241,7 @@ def measure_recall(
             raise DamRuntimeError("measure_recall measures one-shot prefill (q_len == kv_len)")
         scale = handle.scaling(layer)
         with torch.no_grad():
-            mass = block_mass(q, k, scale, B, max_elements)
+            mass = block_mass(q, k, scale, B, max_elements, query_stride)
             planner = handle.planner(layer, q.device)
             ql = torch.tensor([nq], device=q.device)
             kl = torch.tensor([nk], device=q.device)

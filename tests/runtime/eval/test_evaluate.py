@@ -180,6 +180,9 @@ def test_eval_config_checks():
         EvalConfig(methods=("streaming",))
     with pytest.raises(DamRuntimeError):
         EvalConfig(tasks=("nope",))
+    for bad in (0, True, 1.5):
+        with pytest.raises(DamRuntimeError, match="recall_stride"):
+            EvalConfig(recall_stride=bad)
     with pytest.raises(DamRuntimeError):
         EvalSample("passkey", torch.arange(10))
     model = tiny_model()

@@ -128,6 +128,52 @@ def test_block_mass_rows_sum_to_one_and_chunking_is_exact():
     assert (a[0, :, 0, 3:] == 0).all()  # keys beyond query 30+15 = 45 (blocks >= 3) are non-causal
 
 
+@pytest.mark.parametrize("stride", [2, 3, 7])
+def test_block_mass_query_stride_samples_whole_blocks(stride):
+    """Every stride-th query block counted back from the last (partial) one, exactly as the full
+    computation has it; the other rows are zero. Chunking does not change the sample."""
+    torch.manual_seed(stride)
+    q = torch.randn(1, 6, 100, 8) * 3
+    k = torch.randn(1, 2, 130, 8) * 3
+    full = block_mass(q, k, 0.3, 16)
+    for max_elements in (1, 1 << 30):
+        part = block_mass(q, k, 0.3, 16, max_elements=max_elements, query_stride=stride)
+        picked = [a for a in range(7) if (6 - a) % stride == 0]
+        torch.testing.assert_close(part[:, :, picked], full[:, :, picked], **F32)
+        rest = [a for a in range(7) if a not in picked]
+        assert (part[:, :, rest] == 0).all()
+    with pytest.raises(rt.DamRuntimeError, match="query_stride"):
+        block_mass(q, k, 0.3, 16, query_stride=0)
+
+
+def test_measure_recall_query_stride_is_the_sampled_rows_recall():
+    """recall with query_stride = the brute-force recall over the sampled blocks' rows; density exact."""
+    torch.manual_seed(5)
+    model = tiny_model(heads=4, kv_heads=2)
+    art = make_artifact(model.config, MIXED_PROGRAMS, block_size=16, seed=5)
+    n, B, stride = 150, 16, 3
+    ids = torch.randint(0, 128, (1, n))
+    seen = {}
+    with rt.apply(model, art, backend="cpu", min_length=1) as h:
+        h.layout_hook = lambda layer, q, k, lay: seen.setdefault(layer, (q, k, lay))[2]
+        full = measure_recall(model, h, ids)
+        seen.clear()
+        part = measure_recall(model, h, ids, query_stride=stride)
+    nqb = -(-n // B)
+    picked = [a for a in range(nqb) if (nqb - 1 - a) % stride == 0]
+    rows = torch.cat([torch.arange(a * B, min(n, (a + 1) * B)) for a in picked])
+    for layer, (q, k, layout) in seen.items():
+        _, _, p = _brute(q, k, layout, 1 / math.sqrt(q.shape[-1]))
+        kept = layout.to_dense(n, n)[0].expand(p.shape[0], n, n)
+        want = (p * kept)[:, rows].sum((-1, -2)) / rows.numel()
+        torch.testing.assert_close(part.recall[layer], want, **F32)
+    torch.testing.assert_close(part.density, full.density, **F64)
+    unpicked = [a for a in range(nqb) if a not in picked]
+    assert torch.isnan(part.row_recall[:, :, unpicked]).all()
+    torch.testing.assert_close(part.row_recall[:, :, picked], full.row_recall[:, :, picked], **F32)
+    assert (part.oracle_recall >= part.recall - 1e-9).all()
+
+
 def test_measure_recall_dense_layers_and_errors():
     model = tiny_model()
     art = make_artifact(model.config, MIXED_PROGRAMS, block_size=16)
