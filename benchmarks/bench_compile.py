@@ -95,6 +95,39 @@ def score(art, stores: list, target: float) -> dict:
     return out
 
 
+def _variant_entry(res, secs: float, held: dict, recall: float) -> dict:
+    """One compile variant's figures: calibration-side (the artifact's) and held-out."""
+    art = res.artifact
+    fig = art.metadata["figures"]
+    return {
+        "compile_seconds": round(secs, 2),
+        "programs": len(art.programs), "clusters": res.num_clusters,
+        "dense_heads": fig["dense_heads"],
+        "calibration": {"mean_recall": fig["mean_recall"], "min_recall": fig["min_recall"],
+                        "mean_recall_capture": fig["mean_recall_capture"],
+                        "density_at_target": fig["mean_density"],
+                        "density_per_head": fig["mean_density_per_head"],
+                        "density_kv_shared": fig["mean_density_kv_shared"],
+                        "density_clustered": fig["mean_density_clustered"]},
+        "held_out": {str(k): score(art, v, recall) for k, v in held.items()},
+    }
+
+
+def _reference(held: dict, recall: float) -> dict:
+    """The best sink+window fitted on each held-out input itself, per head, and the oracle density,
+    at the target recall."""
+    ref = {}
+    for length, stores in held.items():
+        vals, vals_o = [], []
+        for p in stores:
+            L, H = p.num_layers, p.num_heads
+            vals.append(np.mean([_sink_window_best(p.block_mass[la, h], p.length, p.block_size, recall)
+                                 for la in range(L) for h in range(H)]))
+            vals_o.append(np.mean([oracle_density(p.block_mass[la, h], recall) for la in range(L) for h in range(H)]))
+        ref[str(length)] = {"sink_window_on_input": float(np.mean(vals)), "oracle_at_target": float(np.mean(vals_o))}
+    return ref
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -148,37 +181,13 @@ def main() -> None:
         t = time.perf_counter()
         res = compile_profile(prof, cfg)
         secs = time.perf_counter() - t
-        art = res.artifact
-        fig = art.metadata["figures"]
-        entry = {
-            "compile_seconds": round(secs, 2),
-            "programs": len(art.programs), "clusters": res.num_clusters,
-            "dense_heads": fig["dense_heads"],
-            "calibration": {"mean_recall": fig["mean_recall"], "min_recall": fig["min_recall"],
-                            "mean_recall_capture": fig["mean_recall_capture"],
-                            "density_at_target": fig["mean_density"],
-                            "density_per_head": fig["mean_density_per_head"],
-                            "density_kv_shared": fig["mean_density_kv_shared"],
-                            "density_clustered": fig["mean_density_clustered"]},
-            "held_out": {str(k): score(art, v, args.recall) for k, v in held.items()},
-        }
+        entry = _variant_entry(res, secs, held, args.recall)
         results["variants"][name] = entry
         h = {k: (round(v["recall"], 4), round(v["density"], 4), round(v["oracle_density"], 4))
              for k, v in entry["held_out"].items()}
         log.info("%s: %.1f s, %d programs, held-out (recall, density, oracle) %s", name, secs,
-                 len(art.programs), h)
-    # reference: the best sink+window fitted on each held-out input itself, per head, at the target
-    ref = {}
-    for length, stores in held.items():
-        vals = []
-        for p in stores:
-            L, H = p.num_layers, p.num_heads
-            vals.append(np.mean([_sink_window_best(p.block_mass[la, h], p.length, p.block_size,
-                                                   args.recall) for la in range(L) for h in range(H)]))
-            vals_o = [np.mean([oracle_density(p.block_mass[la, h], args.recall)
-                               for la in range(L) for h in range(H)]) for p in stores]
-        ref[str(length)] = {"sink_window_on_input": float(np.mean(vals)),
-                            "oracle_at_target": float(np.mean(vals_o))}
+                 entry["programs"], h)
+    ref = _reference(held, args.recall)
     results["reference_at_target_recall"] = ref
     from dam.runtime.eval.record import write_result
 

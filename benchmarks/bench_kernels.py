@@ -153,6 +153,15 @@ def cpu_benchmark(quick: bool, threads: int, dtype: torch.dtype = torch.bfloat16
             row["flex_over_sdpa_per_density"], row["speedup_vs_flex"], first["ours"],
             "n/a" if first["flex"] is None else f"{first['flex']:.1f}s", err,
         )
+    decode = _cpu_decode(quick, dtype, gen)
+    return {"prefill": rows, "decode": decode, "config": {
+        "dtype": str(dtype).replace("torch.", ""), "B": 1, "threads": threads, "rounds": rounds,
+        "cpu_flex_mode": cpu_flex.mode(), "cpu_flex_ready": cpu_flex.ready_signatures(),
+        "grid": "full" if full else ("quick" if quick else "default"), "statistic": "median"}}
+
+
+def _cpu_decode(quick: bool, dtype: torch.dtype, gen: torch.Generator) -> list[dict]:
+    """Decode steps against one cache: DAM's block-sparse decode vs dense SDPA."""
     decode = []
     # caches not a multiple of the block (+37: what a growing HF cache looks like)
     dec_cases = [(4096 + 37, 9, 3, 64, 64, 0.10)] if quick else [
@@ -179,10 +188,7 @@ def cpu_benchmark(quick: bool, threads: int, dtype: torch.dtype = torch.bfloat16
                        "cpu_time_s": cpu, "cpu_time_speedup": cpu["dense"] / cpu["ours"]})
         log.info("CPU decode cache=%d Hq/Hkv=%d/%d D=%d density=%.3f: dense %.5fs ours %.5fs (%.2fx)",
                  s, hq, hkv, d, kept, med["dense"], med["ours"], med["dense"] / med["ours"])
-    return {"prefill": rows, "decode": decode, "config": {
-        "dtype": str(dtype).replace("torch.", ""), "B": 1, "threads": threads, "rounds": rounds,
-        "cpu_flex_mode": cpu_flex.mode(), "cpu_flex_ready": cpu_flex.ready_signatures(),
-        "grid": "full" if full else ("quick" if quick else "default"), "statistic": "median"}}
+    return decode
 
 
 def plot(result: dict, path: Path) -> None:

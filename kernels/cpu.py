@@ -202,41 +202,8 @@ def _attend(q, k, v, layout: BlockLayout, shared: bool, *, causal: bool, scale: 
     idx, cnt = _expand_layout(layout, bsz, vh)  # [B, vh, nqb, mb], [B, vh, nqb]
     mb = idx.shape[-1]
 
-    off = nk - nq
-    slot = torch.arange(mb)
-    active = slot < cnt.unsqueeze(-1)
-    kstart = idx * bn
-    kvalid = (nk - kstart).clamp(max=bn)  # keys present in the block
-    a = torch.arange(nqb)
-    qs = (off + a * bm).view(1, 1, nqb, 1)  # absolute position of the block's first query row
-    qe = (off + torch.clamp((a + 1) * bm, max=nq) - 1).view(1, 1, nqb, 1)
-    if causal:
-        hidden = kstart > qe
-        full = (kstart + bn - 1 <= qs) & (kvalid == bn)
-    else:
-        hidden = torch.zeros_like(active)
-        full = kvalid == bn
-    keep = active & ~hidden
-    n_keep = keep.sum(-1)  # kept blocks are a prefix (sorted indices, hidden ones are last)
-    n_full = (keep & full).sum(-1)
-    n_part = n_keep - n_full
-    pmax = int(n_part.max()) if n_part.numel() else 0
-
+    n_keep, sig, pmax, qe = _row_signatures(idx, cnt, nq, nk, bm, bn, causal)
     rows_total = bsz * vh * nqb
-    # signature: n_full, n_part, then per partial slot (delta, kvalid); -1 padding
-    sig_cols = [n_full.reshape(-1, 1), n_part.reshape(-1, 1)]
-    if pmax:
-        # partial slots start at n_full
-        pos = n_full.unsqueeze(-1) + torch.arange(pmax)
-        posc = pos.clamp(max=mb - 1)
-        okp = torch.arange(pmax) < n_part.unsqueeze(-1)
-        delta = qs - torch.gather(kstart, -1, posc)  # [B, vh, nqb, pmax]
-        kv_p = torch.gather(kvalid, -1, posc)
-        delta = torch.where(okp, delta, torch.full_like(delta, -(1 << 40)))
-        kv_p = torch.where(okp, kv_p, torch.full_like(kv_p, -1))
-        sig_cols += [delta.reshape(rows_total, pmax), kv_p.reshape(rows_total, pmax)]
-    sig = torch.cat(sig_cols, dim=1)
-    nonempty = (n_keep.reshape(-1) > 0).nonzero().squeeze(1)
 
     rows_q = bm * gq
     # write straight into out/lse when their memory is the row layout we compute in
@@ -251,17 +218,7 @@ def _attend(q, k, v, layout: BlockLayout, shared: bool, *, causal: bool, scale: 
         res = torch.empty((bsz, vh, nqb, gq, bm, d), dtype=cdt)
         res_lse = torch.empty((bsz, vh, nqb, gq, bm), dtype=sdt)
         out_rows, lse_rows = res.view(rows_total, rows_q * d), res_lse.view(rows_total, rows_q)
-    # dense prefixes: the leading query blocks of a head that keep every visible block (a whole
-    # dense head, or the first rows of a wide window) run as one fused flash call per head, no
-    # gathers, with the kernel's big query tiles (causal only when Nq == Nk: ATen's causal mask
-    # is top-left aligned)
-    dense_pre = None
-    if not causal or nq == nk:
-        vis = torch.clamp(qe.view(1, 1, nqb) // bn + 1, max=nkb) if causal else nkb
-        pre = (n_keep == vis).to(torch.int64).cumprod(-1)  # [B, vh, nqb]: 1 on the dense prefix
-        if bool(pre[..., 0].any()):
-            dense_pre = pre.sum(-1)  # [B, vh] query blocks in the prefix
-            n_keep = n_keep.masked_fill(pre.bool(), -1)  # neither empty nor sparse
+    dense_pre, n_keep = _dense_prefix(n_keep, qe, nkb, bn, causal=causal, square=nq == nk)
     nonempty_mask = n_keep.reshape(-1) > 0
     empty_mask = n_keep.reshape(-1) == 0
     empty_rows = empty_mask.nonzero().squeeze(1)
@@ -291,6 +248,60 @@ def _attend(q, k, v, layout: BlockLayout, shared: bool, *, causal: bool, scale: 
     if dense_pre is not None:
         _dense_prefixes(q, k, v, dense_pre, gq, hq // hkv, bm, causal=causal, scale=scale,
                         out=out, lse=lse)
+
+
+def _row_signatures(idx, cnt, nq: int, nk: int, bm: int, bn: int, causal: bool):
+    """Per row (b, head, query block) of a layout: the kept (visible) block count and the group
+    signature ``(n_full, n_partial, per partial slot (offset of the query block to the key block,
+    valid keys); -1 padding)``. -> ``(n_keep [B, vh, nqb], sig [rows, 2 + 2 * pmax], pmax,
+    qe [1, 1, nqb, 1] last query position of each block)``."""
+    mb, nqb = idx.shape[-1], idx.shape[2]
+    off = nk - nq
+    active = torch.arange(mb) < cnt.unsqueeze(-1)
+    kstart = idx * bn
+    kvalid = (nk - kstart).clamp(max=bn)  # keys present in the block
+    a = torch.arange(nqb)
+    qs = (off + a * bm).view(1, 1, nqb, 1)  # absolute position of the block's first query row
+    qe = (off + torch.clamp((a + 1) * bm, max=nq) - 1).view(1, 1, nqb, 1)
+    if causal:
+        hidden = kstart > qe
+        full = (kstart + bn - 1 <= qs) & (kvalid == bn)
+    else:
+        hidden = torch.zeros_like(active)
+        full = kvalid == bn
+    keep = active & ~hidden
+    n_keep = keep.sum(-1)  # kept blocks are a prefix (sorted indices, hidden ones are last)
+    n_full = (keep & full).sum(-1)
+    n_part = n_keep - n_full
+    pmax = int(n_part.max()) if n_part.numel() else 0
+    rows_total = n_keep.numel()
+    sig_cols = [n_full.reshape(-1, 1), n_part.reshape(-1, 1)]
+    if pmax:  # partial slots start at n_full
+        pos = n_full.unsqueeze(-1) + torch.arange(pmax)
+        posc = pos.clamp(max=mb - 1)
+        okp = torch.arange(pmax) < n_part.unsqueeze(-1)
+        delta = qs - torch.gather(kstart, -1, posc)  # [B, vh, nqb, pmax]
+        kv_p = torch.gather(kvalid, -1, posc)
+        delta = torch.where(okp, delta, torch.full_like(delta, -(1 << 40)))
+        kv_p = torch.where(okp, kv_p, torch.full_like(kv_p, -1))
+        sig_cols += [delta.reshape(rows_total, pmax), kv_p.reshape(rows_total, pmax)]
+    return n_keep, torch.cat(sig_cols, dim=1), pmax, qe
+
+
+def _dense_prefix(n_keep, qe, nkb: int, bn: int, *, causal: bool, square: bool):
+    """The leading query blocks of a head that keep every visible block (a whole dense head, or the
+    first rows of a wide window) run as one fused flash call per head, no gathers, with the
+    kernel's big query tiles (causal only when Nq == Nk, ``square``: ATen's causal mask is top-left
+    aligned). -> ``(dense_pre [B, vh] prefix lengths in query blocks, or None; n_keep with the
+    prefix rows set to -1: neither empty nor sparse)``."""
+    if causal and not square:
+        return None, n_keep
+    nqb = n_keep.shape[-1]
+    vis = torch.clamp(qe.view(1, 1, nqb) // bn + 1, max=nkb) if causal else nkb
+    pre = (n_keep == vis).to(torch.int64).cumprod(-1)  # [B, vh, nqb]: 1 on the dense prefix
+    if not bool(pre[..., 0].any()):
+        return None, n_keep
+    return pre.sum(-1), n_keep.masked_fill(pre.bool(), -1)
 
 
 def _dense_prefixes(q, k, v, dense_pre, gq, g, bm, *, causal, scale, out, lse) -> None:

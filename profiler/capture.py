@@ -192,7 +192,6 @@ class _Recorder:
             self.seen.add(layer)
             return _band_attention(q.to(cdt), k.to(cdt), v.to(cdt), scaling, window, self.chunk_rows(B)) \
                 .transpose(1, 2).to(q.dtype)
-        qg = q.to(cdt).reshape(B, Hkv, G, N, D)
         kg = k.to(cdt).unsqueeze(2)  # [B, Hkv, 1, N, D]
         vg = v.to(cdt).unsqueeze(2)
         out = _empty(B, Hkv, G, N, v.shape[-1], dtype=cdt, device=q.device)
@@ -216,38 +215,10 @@ class _Recorder:
             o = torch.matmul(p, vg[..., :K, :])  # [B, Hkv, G, c, Dv]
             out[..., i0:i1, :] = o
             ca, kb, a0 = math.ceil(c / bs), math.ceil(K / bs), i0 // bs
-            # value-aware block weight: || sum_{j in b} p_ij (o_i - v_j) || per (row, key block)
-            tail = kb * bs - K  # keys padding the last key block (zero probability, zero value)
-            pk = torch.nn.functional.pad(p, (0, tail)).reshape(B, Hkv, G, c, kb, bs)
-            vk = torch.nn.functional.pad(vg[..., :K, :], (0, 0, 0, tail)).reshape(B, Hkv, 1, kb, bs, -1)
-            part = torch.einsum("zhgikj,zhxkjd->zhgikd", pk, vk)
-            e = (pk.sum(-1).unsqueeze(-1) * o.unsqueeze(-2) - part).norm(dim=-1)  # [B,Hkv,G,c,kb]
-            del pk, part, o
-            e = e.reshape(B, H, c, kb)
-            if ca * bs != c:
-                e = torch.nn.functional.pad(e, (0, 0, 0, ca * bs - c))
-            err[:, :, a0:a0 + ca, :kb] += e.reshape(B, H, ca, bs, kb).sum(3).double()
-            del e
+            err[:, :, a0:a0 + ca, :kb] += _value_error(p, o, vg[..., :K, :], bs)
+            del o
             p = p.reshape(B, H, c, K)  # contiguous; h = kv_head * G + g
-            # rows summed per query block (the chunk starts on a block boundary) -> cols, blocks
-            pr = p if ca * bs == c else torch.nn.functional.pad(p, (0, 0, 0, ca * bs - c))
-            rb = pr.reshape(B, H, ca, bs, K).sum(3)  # [B, H, ca, K]
-            del pr
-            col[..., :K] += rb.sum(2).double()
-            if kb * bs != K:
-                rb = torch.nn.functional.pad(rb, (0, kb * bs - K))
-            blk[:, :, a0:a0 + ca, :kb] += rb.reshape(B, H, ca, kb, bs).sum(-1).double()
-            # offsets d = i - j <= i0: every row has one, at flat index (i0 - d) + r (K + 1)
-            v = p.as_strided((B, H, i0 + 1, c), (H * c * K, c * K, 1, K + 1), p.storage_offset())
-            diag[..., : i0 + 1] += v.sum(-1).flip(-1).double()
-            # offsets i0 < d < i0 + c live in the chunk's first c keys: sub-diagonal t = d - i0
-            # of the [c, c] corner; reading it with stride c + 1 from a zero-tailed copy
-            if c > 1:
-                buf = torch.zeros(B, H, 2 * c * c, dtype=cdt, device=q.device)
-                buf[..., : c * c] = p[..., :c].reshape(B, H, c * c)
-                w = buf.as_strided((B, H, c, c), (2 * c * c * H, 2 * c * c, c, c + 1))
-                diag[..., i0 + 1 : i0 + c] += w.sum(-1)[..., 1:].double()
-                del buf, w
+            _mass_sums(p, i0, bs, col, diag, blk)
             if i0 < P:
                 r1 = min(i1, P)
                 am[:, i0:r1, :min(K, P)] += p[:, :, : r1 - i0, :P].sum(0).double()
@@ -259,6 +230,51 @@ class _Recorder:
         st.topp_blocks[layer] += topp_block_counts(blk).mean(-2).sum(0)
         self.seen.add(layer)
         return out.reshape(B, H, N, -1).transpose(1, 2).to(q.dtype)
+
+
+def _value_error(p: torch.Tensor, o: torch.Tensor, v: torch.Tensor, bs: int) -> torch.Tensor:
+    """Value-aware block weight ``|| sum_{j in b} p_ij (o_i - v_j) ||`` summed per (query block,
+    key block), float64 ``[B, H, ca, kb]``, from one chunk's probabilities ``p [B, Hkv, G, c, K]``
+    (the chunk starts on a block boundary), outputs ``o [B, Hkv, G, c, Dv]`` and values
+    ``v [B, Hkv, 1, K, Dv]``."""
+    B, Hkv, G, c, K = p.shape
+    ca, kb = math.ceil(c / bs), math.ceil(K / bs)
+    tail = kb * bs - K  # keys padding the last key block (zero probability, zero value)
+    pk = torch.nn.functional.pad(p, (0, tail)).reshape(B, Hkv, G, c, kb, bs)
+    vk = torch.nn.functional.pad(v, (0, 0, 0, tail)).reshape(B, Hkv, 1, kb, bs, -1)
+    part = torch.einsum("zhgikj,zhxkjd->zhgikd", pk, vk)
+    e = (pk.sum(-1).unsqueeze(-1) * o.unsqueeze(-2) - part).norm(dim=-1)  # [B,Hkv,G,c,kb]
+    del pk, part
+    e = e.reshape(B, Hkv * G, c, kb)
+    if ca * bs != c:
+        e = torch.nn.functional.pad(e, (0, 0, 0, ca * bs - c))
+    return e.reshape(B, Hkv * G, ca, bs, kb).sum(3).double()
+
+
+def _mass_sums(p: torch.Tensor, i0: int, bs: int, col: torch.Tensor, diag: torch.Tensor,
+               blk: torch.Tensor) -> None:
+    """Add one chunk's probabilities ``p [B, H, c, K]`` (rows ``i0 .. i0 + c - 1``, ``i0`` on a block
+    boundary) to the column, diagonal and block sums (float64, rows not yet divided by N)."""
+    B, H, c, K = p.shape
+    ca, kb, a0 = math.ceil(c / bs), math.ceil(K / bs), i0 // bs
+    # rows summed per query block -> cols, blocks
+    pr = p if ca * bs == c else torch.nn.functional.pad(p, (0, 0, 0, ca * bs - c))
+    rb = pr.reshape(B, H, ca, bs, K).sum(3)  # [B, H, ca, K]
+    del pr
+    col[..., :K] += rb.sum(2).double()
+    if kb * bs != K:
+        rb = torch.nn.functional.pad(rb, (0, kb * bs - K))
+    blk[:, :, a0:a0 + ca, :kb] += rb.reshape(B, H, ca, kb, bs).sum(-1).double()
+    # offsets d = i - j <= i0: every row has one, at flat index (i0 - d) + r (K + 1)
+    v = p.as_strided((B, H, i0 + 1, c), (H * c * K, c * K, 1, K + 1), p.storage_offset())
+    diag[..., : i0 + 1] += v.sum(-1).flip(-1).double()
+    # offsets i0 < d < i0 + c live in the chunk's first c keys: sub-diagonal t = d - i0
+    # of the [c, c] corner; reading it with stride c + 1 from a zero-tailed copy
+    if c > 1:
+        buf = torch.zeros(B, H, 2 * c * c, dtype=p.dtype, device=p.device)
+        buf[..., : c * c] = p[..., :c].reshape(B, H, c * c)
+        w = buf.as_strided((B, H, c, c), (2 * c * c * H, 2 * c * c, c, c + 1))
+        diag[..., i0 + 1 : i0 + c] += w.sum(-1)[..., 1:].double()
 
 
 def _band_attention(q, k, v, scaling, window, rows):

@@ -156,34 +156,58 @@ def _rank0_decides(rank: int, dist, decide: Callable[[], object]) -> object:
     return decision[1]
 
 
+def _check_out(config) -> None:
+    """Cheap checks of ``--out`` first, before spending seconds on loading the model."""
+    if _store.exists(config.out):
+        if config.overwrite or config.resume:
+            _store.read_attrs(config.out)  # refuse to touch something that is not a DAM store
+        else:
+            raise ProfileError(f"{config.out} already exists; pass --resume to add samples up to "
+                               "--samples, or --overwrite to replace it")
+
+
+def _read_resume(config, model) -> tuple[dict | None, ProfileStats | None]:
+    """The stored attributes and sums a ``--resume`` run continues from (None, None otherwise)."""
+    if not (config.resume and _store.exists(config.out)):
+        return None, None
+    old, total = _store.read_store(config.out)
+    diffs = _store.resume_mismatches(old, _attrs(config, model, None, 0))
+    if diffs:
+        raise ProfileError(f"cannot resume {config.out}: " + "; ".join(diffs)
+                           + ". Use the same settings, or write a new store with --out")
+    return old, total
+
+
+def _all_ranks_flush(dist, want: bool, pending: ProfileStats) -> bool:
+    """Under torchrun: flush when any rank wants to, summing every rank's pending sums first."""
+    if dist is None:
+        return want
+    flag = torch.tensor([1.0 if want else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not bool(flag.item()):
+        return False
+    for t in pending.arrays().values():
+        dist.all_reduce(t)
+    cnt = torch.tensor([pending.count], dtype=torch.long)
+    dist.all_reduce(cnt)
+    pending.count = int(cnt.item())
+    return True
+
+
 def _profile(config, progress, model_and_tokenizer, rank, world, dist) -> ProfileSummary:
     out = config.out
-
-    def check_out() -> None:  # cheap checks first, before spending seconds on loading the model
-        if _store.exists(out):
-            if config.overwrite or config.resume:
-                _store.read_attrs(out)  # refuse to touch something that is not a DAM store
-            else:
-                raise ProfileError(f"{out} already exists; pass --resume to add samples up to "
-                                   "--samples, or --overwrite to replace it")
-
-    _rank0_decides(rank, dist, check_out)
+    _rank0_decides(rank, dist, lambda: _check_out(config))
     model, tok = model_and_tokenizer or load_model(config.model, dtype=config.dtype, device=config.device)
-    total = None  # rank 0 keeps the stored sums it resumes from; other ranks start from zero
+    resumed: list = [None]  # rank 0 keeps the stored sums it resumes from; other ranks start from zero
 
-    def read_resume() -> tuple[dict | None, int]:
-        nonlocal total
-        if not (config.resume and _store.exists(out)):
-            return None, 0
-        old, total = _store.read_store(out)
-        diffs = _store.resume_mismatches(old, _attrs(config, model, None, 0))
-        if diffs:
-            raise ProfileError(f"cannot resume {out}: " + "; ".join(diffs)
-                               + ". Use the same settings, or write a new store with --out")
-        return old, total.count
+    def decide() -> tuple[dict | None, int]:
+        old, stats = _read_resume(config, model)
+        resumed[0] = stats
+        return old, stats.count if stats is not None else 0
 
     # rank 0 decides where the run starts; every rank learns it (or the error) by broadcast
-    old_attrs, start = _rank0_decides(rank, dist, read_resume)
+    old_attrs, start = _rank0_decides(rank, dist, decide)
+    total = resumed[0]
 
     todo = max(0, config.samples - start)
     if todo == 0:
@@ -218,17 +242,7 @@ def _profile(config, progress, model_and_tokenizer, rank, world, dist) -> Profil
             done = min(todo, (s + 1) * step_size)
             last = s == steps - 1
             want = last or time.perf_counter() - last_flush >= config.flush_seconds
-            if dist is not None:
-                flag = torch.tensor([1.0 if want else 0.0])
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                want = bool(flag.item())
-                if want:
-                    for t in (*pending.arrays().values(),):
-                        dist.all_reduce(t)
-                    cnt = torch.tensor([pending.count], dtype=torch.long)
-                    dist.all_reduce(cnt)
-                    pending.count = int(cnt.item())
-            if want:
+            if _all_ranks_flush(dist, want, pending):
                 flush()
                 last_flush = time.perf_counter()
             if progress is not None and rank == 0:
