@@ -357,6 +357,8 @@ def bench(
         if progress:
             progress(done[0], total)
 
+    if progress:
+        progress(0, total)
     for n in sorted(inputs):
         ids = inputs[n].to(dev)
         if ids.dim() != 2 or ids.shape[0] != 1:
@@ -495,6 +497,8 @@ def _build_kernels(model, artifact, config: BenchConfig, ids: torch.Tensor) -> N
         return
     from dam.kernels import cpu_flex
 
+    if cpu_flex.attention_mode() == "off":  # nothing to build: the ATen path runs
+        return
     with _apply(model, artifact, config), torch.no_grad():
         model(ids, use_cache=False, logits_to_keep=1)
     cpu_flex.wait_for_builds()

@@ -252,3 +252,15 @@ def test_harness_imports_without_zarr_sklearn_or_profiler():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+def test_evaluate_reports_progress_from_zero_to_total():
+    """The bar appears before the first (dense) forward and ends at (sample, method) runs done."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    dam = make_artifact(model.config, MIXED_PROGRAMS, block_size=16)
+    calls = []
+    evaluate(model, {"dam": dam}, [EvalSample("text", torch.randint(0, 128, (40,)))] * 2,
+             EvalConfig(methods=("dam", "streaming"), tasks=("fidelity",), backend="cpu"),
+             progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(i, 6) for i in range(7)]
