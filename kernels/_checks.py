@@ -79,3 +79,13 @@ def resolve_scale(scale: float | None, d: int) -> float:
     if not math.isfinite(scale) or scale <= 0:
         raise LayoutError(f"scale must be a positive finite number, got {scale}")
     return scale
+
+
+def resolve_softcap(softcap: float | None) -> float | None:
+    """None (no soft-capping) or a positive finite cap."""
+    if softcap is None:
+        return None
+    cap = float(softcap)
+    if not math.isfinite(cap) or cap <= 0:
+        raise LayoutError(f"softcap must be None or a positive finite number, got {softcap}")
+    return cap

@@ -51,6 +51,28 @@ def _flash():
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
+def _fused(q, k, v, *, scale: float, softcap: float | None = None, attn_mask=None, is_causal: bool = False):
+    """``(out [R, H, M, D] in q's dtype, lse float32 [R, H, M])`` of one batch of gathered tiles:
+    the fused CPU flash kernel, or, with attention-logit soft-capping (``softcap * tanh(s /
+    softcap)`` of the scaled scores, Gemma 2), the same computed from explicit scores (float32;
+    float64 for float64 inputs): the fused kernel has no score hook; the tiles are the kept
+    blocks, so the work stays sparse.
+    ``attn_mask``: additive, broadcast to ``[R, H, M, L]``; ``is_causal``: top-left aligned."""
+    if softcap is None:
+        return _flash()(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+    cdt = torch.promote_types(q.dtype, torch.float32)  # float64 inputs stay float64
+    s = torch.matmul(q.to(cdt), k.to(cdt).transpose(-1, -2)) * scale
+    s = torch.tanh(s / softcap) * softcap
+    if attn_mask is not None:
+        s = s + attn_mask.to(cdt)
+    if is_causal:
+        m, n = s.shape[-2], s.shape[-1]
+        s = s.masked_fill(torch.ones(m, n, dtype=torch.bool).triu_(1), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse.unsqueeze(-1).clamp(min=torch.finfo(cdt).min))  # -inf rows: 0
+    return torch.matmul(p, v.to(cdt)).to(q.dtype), lse
+
+
 def _pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
     """x [B, H, N, D] -> contiguous [B, H, n, D] (zero-padded when n > N), in x's dtype."""
     if x.shape[2] == n:
@@ -90,6 +112,7 @@ def attention_cpu(
     scale: float,
     out: torch.Tensor,
     lse: torch.Tensor | None,
+    softcap: float | None = None,
 ) -> None:
     """Block-sparse prefill on CPU tensors, written into ``out`` and ``lse`` (None: not needed).
 
@@ -102,11 +125,12 @@ def attention_cpu(
         q: ``[B, Hq, Nq, D]``; k, v: ``[B, Hkv, Nk, D]`` (they and the layout are checked by the
             launcher).
         out: ``[B, Hq, Nq, D]`` in q's dtype; lse: float32 ``[B, Hq, Nq]`` (fully overwritten).
+        softcap: attention-logit soft-capping (see :func:`_fused`), None: none.
     """
     hq, nq = q.shape[1], q.shape[2]
     hkv, nk = k.shape[1], k.shape[2]
     g = hq // hkv
-    kw = dict(causal=causal, scale=scale)
+    kw = dict(causal=causal, scale=scale, softcap=softcap)
     if _gqa_shared(layout, hq, hkv):
         _attend(q, k, v, _kv_head_rows(layout, g), True, out=out, lse=lse, **kw)
         return
@@ -185,7 +209,7 @@ def _merge_into(out: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse
 
 
 def _attend(q, k, v, layout: BlockLayout, shared: bool, *, causal: bool, scale: float,
-            out: torch.Tensor, lse: torch.Tensor | None) -> None:
+            out: torch.Tensor, lse: torch.Tensor | None, softcap: float | None = None) -> None:
     """The row-grouped prefill of one layout. ``shared``: the layout has one row set per KV head
     (heads 1 or Hkv) and its query tiles stack the KV head's ``g`` query heads."""
     bsz, hq, nq, d = q.shape
@@ -239,7 +263,7 @@ def _attend(q, k, v, layout: BlockLayout, shared: bool, *, causal: bool, scale: 
         gidx = (idx.clamp_min(0) + base.unsqueeze(-1)).reshape(rows_total, mb)
         _run_groups(
             sig[nonempty], nonempty, gidx, qrows, kp, vp, out_rows, lse_rows,
-            bm=bm, bn=bn, gq=gq, d=d, scale=scale, causal=causal, pmax=pmax, cdt=cdt,
+            bm=bm, bn=bn, gq=gq, d=d, scale=scale, causal=causal, pmax=pmax, cdt=cdt, softcap=softcap,
         )
     if not direct:
         out.copy_(res.transpose(2, 3).reshape(bsz, hq, nqb * bm, d)[:, :, :nq])
@@ -247,7 +271,7 @@ def _attend(q, k, v, layout: BlockLayout, shared: bool, *, causal: bool, scale: 
             lse.copy_(res_lse.transpose(2, 3).reshape(bsz, hq, nqb * bm)[:, :, :nq])
     if dense_pre is not None:
         _dense_prefixes(q, k, v, dense_pre, gq, hq // hkv, bm, causal=causal, scale=scale,
-                        out=out, lse=lse)
+                        out=out, lse=lse, softcap=softcap)
 
 
 def _row_signatures(idx, cnt, nq: int, nk: int, bm: int, bn: int, causal: bool):
@@ -304,7 +328,7 @@ def _dense_prefix(n_keep, qe, nkb: int, bn: int, *, causal: bool, square: bool):
     return pre.sum(-1), n_keep.masked_fill(pre.bool(), -1)
 
 
-def _dense_prefixes(q, k, v, dense_pre, gq, g, bm, *, causal, scale, out, lse) -> None:
+def _dense_prefixes(q, k, v, dense_pre, gq, g, bm, *, causal, scale, out, lse, softcap=None) -> None:
     """Rows ``[0, dense_pre[b, vh] * bm)`` of the query heads of virtual head ``vh`` keep every
     visible key: one fused flash call per (batch entry, prefix length) over those heads."""
     nq, nk = q.shape[2], k.shape[2]
@@ -320,7 +344,7 @@ def _dense_prefixes(q, k, v, dense_pre, gq, g, bm, *, causal, scale, out, lse) -
             qb = q[b, :, :rows].index_select(0, hs).unsqueeze(0)
             kb = k[b, :, :keys].index_select(0, kh).unsqueeze(0)
             vb = v[b, :, :keys].index_select(0, kh).unsqueeze(0)
-            o, lz = _flash()(qb, kb, vb, is_causal=causal, scale=scale)
+            o, lz = _fused(qb, kb, vb, is_causal=causal, scale=scale, softcap=softcap)
             out[b, :, :rows].index_copy_(0, hs, o[0])
             if lse is not None:
                 lse[b, :, :rows].index_copy_(0, hs, lz[0].to(lse.dtype))
@@ -379,7 +403,7 @@ def _unique_rows(sig: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def _run_groups(sig, rows, gidx, qrows, kp, vp, out_rows, lse_rows, *, bm, bn, gq, d, scale,
-                causal, pmax, cdt) -> None:
+                causal, pmax, cdt, softcap=None) -> None:
     """Run every signature group: per chunk of rows, gather Q/K/V into reused buffers, one fused
     flash call, scatter the rows' results into ``out_rows``/``lse_rows`` (may be None)."""
     uniq, inv, order, counts = _unique_rows(sig)
@@ -400,7 +424,7 @@ def _run_groups(sig, rows, gidx, qrows, kp, vp, out_rows, lse_rows, *, bm, bn, g
         start += n
     ctx = _PrefillCtx(rows_sorted=rows_sorted, gidx_sorted=gidx_sorted, qrows=qrows, kp=kp, vp=vp,
                       out_rows=out_rows, lse_rows=lse_rows, bn=bn, rows_q=gq * bm, d=d, scale=scale,
-                      buf_blocks=buf_blocks, max_rows=min(rows.numel(), buf_blocks))
+                      buf_blocks=buf_blocks, max_rows=min(rows.numel(), buf_blocks), softcap=softcap)
     _run_tasks(tasks, ctx, _prefill_task)
 
 
@@ -442,6 +466,7 @@ class _PrefillCtx:
     scale: float
     buf_blocks: int
     max_rows: int
+    softcap: float | None = None
 
 
 @dataclass(frozen=True)
@@ -468,6 +493,7 @@ class _DecodeCtx:
     gq: int
     cdt: torch.dtype
     scale: float
+    softcap: float | None = None
 
 
 def _run_tasks(tasks: list, ctx, fn) -> None:
@@ -493,8 +519,8 @@ def _prefill_task(task, ctx: _PrefillCtx, bufs) -> None:
     vg = torch.index_select(vp, 0, bidx, out=bufs["v"][: R * nblk])
     qg = torch.index_select(qrows, 0, rr, out=bufs["q"][:R])
     am = None if mask is None else mask.view(1, 1, rows_q, L).expand(R, 1, rows_q, L)
-    o, lz = _flash()(qg.view(R, 1, rows_q, d), kg.view(R, 1, L, d), vg.view(R, 1, L, d),
-                     attn_mask=am, scale=ctx.scale)
+    o, lz = _fused(qg.view(R, 1, rows_q, d), kg.view(R, 1, L, d), vg.view(R, 1, L, d),
+                   attn_mask=am, scale=ctx.scale, softcap=ctx.softcap)
     o = o.view(R, rows_q, d)
     lz = lz.view(R, rows_q)
     if empty is not None:
@@ -515,6 +541,7 @@ def decode_cpu(
     scale: float,
     out: torch.Tensor,
     lse: torch.Tensor,
+    softcap: float | None = None,
 ) -> None:
     """Block-sparse decode on CPU tensors, written into ``out`` and ``lse``.
 
@@ -570,7 +597,8 @@ def decode_cpu(
             c0 += n
         ctx = _DecodeCtx(rows=rows, n_keep=n_keep, base=base, kpos=kpos, rlen=rlen,
                          kt=_token_rows(k_cache), vt=_token_rows(v_cache), k_cache=k_cache, v_cache=v_cache,
-                         smax=smax, qr=qr, res=res, res_lse=res_lse, bn=bn, d=d, gq=gq, cdt=cdt, scale=scale)
+                         smax=smax, qr=qr, res=res, res_lse=res_lse, bn=bn, d=d, gq=gq, cdt=cdt, scale=scale,
+                         softcap=softcap)
         _run_tasks(tasks, ctx, _decode_task)
     # row r = (b, vh); its gq query heads are consecutive heads vh * gq + i
     out.copy_(res.view(bsz, hq, 1, d))
@@ -625,6 +653,6 @@ def _decode_task(task, ctx: _DecodeCtx, bufs) -> None:
             kv.append(x.view(R, 1, L, d))
     am = torch.zeros((R, 1, 1, L), dtype=cdt).masked_fill_(~ok.view(R, 1, 1, L), float("-inf"))
     qg = ctx.qr.index_select(0, rr).view(R, 1, gq, d)
-    o, lz = _flash()(qg, kv[0], kv[1], attn_mask=am, scale=ctx.scale)
+    o, lz = _fused(qg, kv[0], kv[1], attn_mask=am, scale=ctx.scale, softcap=ctx.softcap)
     ctx.res.index_copy_(0, rr, o.view(R, gq, d))
     ctx.res_lse.index_copy_(0, rr, lz.view(R, gq))

@@ -21,6 +21,7 @@ from ._checks import (
     check_layout_for,
     check_qkv,
     resolve_scale,
+    resolve_softcap,
 )
 from .layout import BlockLayout, LayoutError
 
@@ -60,6 +61,7 @@ def block_sparse_attention(
     out: torch.Tensor | None = None,
     lse_out: torch.Tensor | None = None,
     validate: bool = True,
+    softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention over the KV blocks a layout keeps (prefill, chunked prefill).
 
@@ -78,6 +80,8 @@ def block_sparse_attention(
         validate: on the CPU path, check the layout's contents first (sorted, in range; a host
             read of the layout). Pass False for layouts known to be valid (``dam.runtime`` does
             for the planner's); the GPU path never reads them on the host.
+        softcap: attention-logit soft-capping (Gemma 2): the scaled scores ``s`` become
+            ``softcap * tanh(s / softcap)`` before the softmax (and the LSE). None: none.
 
     Returns:
         ``out [B, Hq, Nq, D]`` in q's dtype, and ``lse float32 [B, Hq, Nq]`` when
@@ -96,6 +100,7 @@ def block_sparse_attention(
         )
     check_layout_for(layout, bsz, hq, -(-nq // layout.block_m), q.device)
     scale = resolve_scale(scale, d)
+    softcap = resolve_softcap(softcap)
     which = _resolve_backend(backend, q.device)
     want_lse = return_lse or lse_out is not None
     out, lse_out = _check_outs(q, out, lse_out, (bsz, hq, nq))
@@ -108,12 +113,13 @@ def block_sparse_attention(
         if validate:
             layout.validate(nk)
         lse_want = lse_out if want_lse else None
-        if not try_attention(q, k, v, layout, causal=bool(causal), scale=scale, out=out, lse=lse_want):
-            attention_cpu(q, k, v, layout, causal=bool(causal), scale=scale, out=out, lse=lse_want)
+        if softcap is not None or not try_attention(q, k, v, layout, causal=bool(causal), scale=scale, out=out,
+                                                    lse=lse_want):
+            attention_cpu(q, k, v, layout, causal=bool(causal), scale=scale, out=out, lse=lse_want, softcap=softcap)
     else:
         from .triton_kernels import attention_triton
 
-        attention_triton(q, k, v, layout, causal=bool(causal), scale=scale, out=out, lse=lse_out)
+        attention_triton(q, k, v, layout, causal=bool(causal), scale=scale, out=out, lse=lse_out, softcap=softcap)
     return (out, lse_out) if return_lse else out
 
 
@@ -130,6 +136,7 @@ def block_sparse_decode(
     out: torch.Tensor | None = None,
     lse_out: torch.Tensor | None = None,
     validate: bool = True,
+    softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse decode: one new query per sequence against a padded KV cache.
 
@@ -144,7 +151,7 @@ def block_sparse_decode(
         return_lse: also return ``lse float32 [B, Hq, 1]``.
         backend: ``"auto"``, ``"triton"`` or ``"cpu"``.
         out, lse_out: optional preallocated results (``[B, Hq, 1, D]``, float32 ``[B, Hq, 1]``).
-        validate: as in :func:`block_sparse_attention`.
+        validate, softcap: as in :func:`block_sparse_attention`.
 
     Returns:
         ``out [B, Hq, 1, D]`` in q's dtype (and lse). Split-KV over the kept blocks on GPU
@@ -165,7 +172,7 @@ def block_sparse_decode(
     scale = resolve_scale(scale, d)
     which = _resolve_backend(backend, q.device)
     out, lse_out = _check_outs(q, out, lse_out, (bsz, hq, 1))
-    kw = dict(cache_seqlens=cache_seqlens, scale=scale, out=out, lse=lse_out)
+    kw = dict(cache_seqlens=cache_seqlens, scale=scale, out=out, lse=lse_out, softcap=resolve_softcap(softcap))
     if which == "cpu":
         from .cpu import decode_cpu
 

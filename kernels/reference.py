@@ -33,9 +33,11 @@ def dense_mask(layout: BlockLayout, q_len: int, kv_len: int, *, causal: bool = T
 
 
 def _masked_softmax_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D], mask bool broadcastable to [B, Hq, Nq, Nk]."""
+    """q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D], mask bool broadcastable to [B, Hq, Nq, Nk]; scores
+    soft-capped (``softcap * tanh(s / softcap)``) when ``softcap`` is given."""
     hq, hkv = q.shape[1], k.shape[1]
     if hq % hkv:
         raise LayoutError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
@@ -44,6 +46,8 @@ def _masked_softmax_attention(
     k64 = k64.repeat_interleave(g, dim=1)  # fine for a reference; kernels never repeat K/V
     v64 = v64.repeat_interleave(g, dim=1)
     s = torch.einsum("bhqd,bhkd->bhqk", q64, k64) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
     s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # -inf on empty rows
     p = torch.exp(s - lse.unsqueeze(-1).clamp_min(torch.finfo(torch.float64).min))
@@ -68,8 +72,9 @@ def attention_reference(
     *,
     causal: bool = True,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense float64 block-sparse attention.
+    """Dense float64 block-sparse attention (``softcap``: soft-capped scores, as the kernels).
 
     Args:
         q: ``[B, Hq, Nq, D]``; k, v: ``[B, Hkv, Nk, D]`` with ``Hq % Hkv == 0`` and ``Nq <= Nk``.
@@ -82,7 +87,7 @@ def attention_reference(
     _check_layout_heads(layout, b, hq)
     mask = dense_mask(layout.to("cpu"), nq, nk, causal=causal).to(q.device)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    return _masked_softmax_attention(q, k, v, mask, scale)
+    return _masked_softmax_attention(q, k, v, mask, scale, softcap)
 
 
 def decode_reference(
@@ -93,6 +98,7 @@ def decode_reference(
     *,
     cache_seqlens: torch.Tensor,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense float64 block-sparse decode: one query per sequence at position ``cache_seqlens[b] - 1``.
 
@@ -111,4 +117,4 @@ def decode_reference(
     lens = cache_seqlens.to("cpu", torch.int64).view(b, 1, 1, 1)
     keep = keep & (torch.arange(s_max).view(1, 1, 1, s_max) < lens)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    return _masked_softmax_attention(q, k_cache, v_cache, keep.to(q.device), scale)
+    return _masked_softmax_attention(q, k_cache, v_cache, keep.to(q.device), scale, softcap)

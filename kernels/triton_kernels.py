@@ -93,9 +93,21 @@ def _prune_fwd(configs, named_args, **kwargs):
     return kept
 
 
+@triton.jit
+def _log2_scores(dot, scale_log2e, cap_in, cap_log2e, SOFTCAP: tl.constexpr):
+    """Scaled scores in base 2: ``dot * scale * log2(e)``, or soft-capped ``cap * tanh(dot * scale
+    / cap) * log2(e)`` (``cap_in`` = scale / cap, ``cap_log2e`` = cap * log2(e)); tanh through
+    exp2, saturating to +-1 where exp2 overflows or vanishes."""
+    if SOFTCAP:
+        t = 1.0 - 2.0 / (tl.exp2(dot * (cap_in * 2.8853900817779268)) + 1.0)  # 2 * log2(e)
+        return t * cap_log2e
+    else:
+        return dot * scale_log2e
+
+
 @triton.autotune(
     configs=_fwd_configs(),
-    key=["LAYOUT_M", "LAYOUT_N", "BLOCK_D", "CAUSAL", "IEEE"],
+    key=["LAYOUT_M", "LAYOUT_N", "BLOCK_D", "CAUSAL", "IEEE", "SOFTCAP"],
     prune_configs_by={"early_config_prune": _prune_fwd},
     **_autotune_extra(),
 )
@@ -109,10 +121,10 @@ def _block_sparse_fwd_kernel(
     sl_b, sl_h, sl_m,
     si_b, si_h, si_q,
     sc_b, sc_h,
-    Hq, Nq, Nk, D, group, q_off, scale_log2e,
+    Hq, Nq, Nk, D, group, q_off, scale_log2e, cap_in, cap_log2e,
     LAYOUT_M: tl.constexpr, LAYOUT_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -160,7 +172,7 @@ def _block_sparse_fwd_kernel(
                 s = tl.dot(q, k, input_precision="ieee")
             else:
                 s = tl.dot(q, k)
-            s = s * scale_log2e
+            s = _log2_scores(s, scale_log2e, cap_in, cap_log2e, SOFTCAP)
             valid = n_ok[None, :]
             if CAUSAL:
                 valid = valid & (offs_n[None, :] <= qpos[:, None])
@@ -195,8 +207,8 @@ def _block_sparse_decode_kernel(
     sv_b, sv_h, sv_n, sv_d,
     si_b, si_h,
     sc_b, sc_h,
-    Hq, D, S, group, scale_log2e, blocks_per_split, num_splits,
-    LAYOUT_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Hq, D, S, group, scale_log2e, cap_in, cap_log2e, blocks_per_split, num_splits,
+    LAYOUT_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
@@ -226,7 +238,7 @@ def _block_sparse_decode_kernel(
                 k_base + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d,
                 mask=n_ok[:, None] & d_ok[None, :], other=0.0,
             ).to(tl.float32)
-            s = tl.sum(k * q[None, :], 1) * scale_log2e
+            s = _log2_scores(tl.sum(k * q[None, :], 1), scale_log2e, cap_in, cap_log2e, SOFTCAP)
             s = tl.where(n_ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 0))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -309,9 +321,10 @@ def attention_triton(
     scale: float,
     out: torch.Tensor,
     lse: torch.Tensor,
+    softcap: float | None = None,
 ) -> None:
     """Launch the prefill kernel: q ``[B, Hq, Nq, D]``, k/v ``[B, Hkv, Nk, D]`` into
-    ``out [B, Hq, Nq, D]`` and ``lse`` float32 ``[B, Hq, Nq]``."""
+    ``out [B, Hq, Nq, D]`` and ``lse`` float32 ``[B, Hq, Nq]`` (``softcap``: soft-capped scores)."""
     _check_dtype(q)
     bsz, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -332,10 +345,15 @@ def attention_triton(
         *lse.stride(),
         si[0], si[1], si[2],
         sc[0], sc[1],
-        hq, nq, nk, d, hq // hkv, nk - nq, scale * _LOG2E,
+        hq, nq, nk, d, hq // hkv, nk - nq, scale * _LOG2E, *_cap_args(scale, softcap),
         LAYOUT_M=layout.block_m, LAYOUT_N=layout.block_n, BLOCK_D=block_d,
-        CAUSAL=causal, UPCAST=upcast, IEEE=ieee,
+        CAUSAL=causal, UPCAST=upcast, IEEE=ieee, SOFTCAP=softcap is not None,
     )
+
+
+def _cap_args(scale: float, softcap: float | None) -> tuple[float, float]:
+    """``(scale / cap, cap * log2(e))`` for :func:`_log2_scores` (unused without a cap)."""
+    return (scale / softcap, softcap * _LOG2E) if softcap is not None else (1.0, 1.0)
 
 
 def _num_splits(bh: int, max_blocks: int, device: torch.device) -> int:
@@ -357,6 +375,7 @@ def decode_triton(
     scale: float,
     out: torch.Tensor,
     lse: torch.Tensor,
+    softcap: float | None = None,
 ) -> None:
     """Launch split-KV decode + merge: q ``[B, Hq, 1, D]``, cache ``[B, Hkv, S, D]`` into
     ``out [B, Hq, 1, D]`` and ``lse`` float32 ``[B, Hq, 1]``."""
@@ -383,8 +402,8 @@ def decode_triton(
         *k_cache.stride(), *v_cache.stride(),
         si[0], si[1],
         sc[0], sc[1],
-        hq, d, k_cache.shape[2], hq // hkv, scale * _LOG2E, per, splits,
-        LAYOUT_N=bn, BLOCK_N=block_n, BLOCK_D=block_d,
+        hq, d, k_cache.shape[2], hq // hkv, scale * _LOG2E, *_cap_args(scale, softcap), per, splits,
+        LAYOUT_N=bn, BLOCK_N=block_n, BLOCK_D=block_d, SOFTCAP=softcap is not None,
     )
     _decode_merge_kernel[(bsz * hq,)](
         opart, lpart, out, lse,

@@ -122,8 +122,8 @@ def topp_block_counts(rows: torch.Tensor, shares=TOPP) -> torch.Tensor:
 def _check_kwargs(module, dropout, kw) -> None:
     if dropout and getattr(module, "training", False):
         raise ProfileError("capture needs the model in eval mode (attention dropout is active); call model.eval()")
-    if kw.get("softcap") is not None or kw.get("s_aux") is not None:
-        raise ProfileError("attention logit soft-capping / attention sinks (s_aux) are not supported by the profiler")
+    if kw.get("s_aux") is not None:
+        raise ProfileError("learned attention sinks (s_aux) are not supported by the profiler")
 
 
 def _dam_capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
@@ -137,8 +137,9 @@ def _dam_capture_attention(module, query, key, value, attention_mask, scaling=No
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     window = kw.get("sliding_window")
+    cap = kw.get("softcap")
     return rec.attend(getattr(module, "layer_idx", None), query, key, value, float(scaling),
-                      None if window is None else int(window)), None
+                      None if window is None else int(window), None if cap is None else float(cap)), None
 
 
 def _register() -> None:
@@ -172,10 +173,11 @@ class _Recorder:
         rows = max(bs, rows // bs * bs)  # a whole number of blocks, so blocks never straddle
         return rows
 
-    def attend(self, layer, q, k, v, scaling, window=None):
+    def attend(self, layer, q, k, v, scaling, window=None, softcap=None):
         """Exact attention of ``layer``, its statistics accumulated on the way. A sliding-window
         layer (keys ``i - j < window``) is not profiled: the compiler gives it its native window,
-        so it runs its exact band here and its arrays stay zero."""
+        so it runs its exact band here and its arrays stay zero. ``softcap``: the model's
+        attention-logit soft-capping (``softcap * tanh(s / softcap)`` of the scaled scores)."""
         B, H, N, D = q.shape
         Hkv = k.shape[1]
         if layer is None or not 0 <= layer < self.layers:
@@ -190,7 +192,7 @@ class _Recorder:
         cdt = torch.promote_types(q.dtype, torch.float32)
         if window is not None:
             self.seen.add(layer)
-            return _band_attention(q.to(cdt), k.to(cdt), v.to(cdt), scaling, window, self.chunk_rows(B)) \
+            return _band_attention(q.to(cdt), k.to(cdt), v.to(cdt), scaling, window, self.chunk_rows(B), softcap) \
                 .transpose(1, 2).to(q.dtype)
         kg = k.to(cdt).unsqueeze(2)  # [B, Hkv, 1, N, D]
         vg = v.to(cdt).unsqueeze(2)
@@ -208,7 +210,7 @@ class _Recorder:
         for i0 in range(0, N, C):
             i1 = min(N, i0 + C)
             c, K = i1 - i0, i1  # keys beyond i1 are causally masked for every row of the chunk
-            s = torch.matmul(qg[..., i0:i1, :], kg[..., :K, :].transpose(-1, -2))  # [B,Hkv,G,c,K]
+            s = _cap(torch.matmul(qg[..., i0:i1, :], kg[..., :K, :].transpose(-1, -2)), softcap)  # [B,Hkv,G,c,K]
             s[..., i0:].masked_fill_(upper[:c, :c], float("-inf"))
             p = torch.softmax(s, dim=-1)
             del s
@@ -277,7 +279,12 @@ def _mass_sums(p: torch.Tensor, i0: int, bs: int, col: torch.Tensor, diag: torch
         diag[..., i0 + 1 : i0 + c] += w.sum(-1)[..., 1:].double()
 
 
-def _band_attention(q, k, v, scaling, window, rows):
+def _cap(s: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Scaled scores soft-capped as the model does (``softcap * tanh(s / softcap)``), or as given."""
+    return s if softcap is None else torch.tanh(s / softcap) * softcap
+
+
+def _band_attention(q, k, v, scaling, window, rows, softcap=None):
     """Exact causal sliding-window attention ``[B, H, N, Dv]``, chunks of ``rows`` queries each
     against the keys their window reaches (GQA: key/value heads un-repeated)."""
     B, H, N, D = q.shape
@@ -287,7 +294,7 @@ def _band_attention(q, k, v, scaling, window, rows):
     for i0 in range(0, N, rows):
         i1 = min(N, i0 + rows)
         lo = max(0, i0 - window + 1)
-        s = torch.matmul(qg[..., i0:i1, :], k[:, :, None, lo:i1].transpose(-1, -2))
+        s = _cap(torch.matmul(qg[..., i0:i1, :], k[:, :, None, lo:i1].transpose(-1, -2)), softcap)
         i = torch.arange(i0, i1, device=q.device)[:, None]
         j = torch.arange(lo, i1, device=q.device)[None, :]
         s.masked_fill_((j > i) | (i - j >= window), float("-inf"))

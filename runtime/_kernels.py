@@ -28,16 +28,18 @@ def _kernels():
 
 
 def sparse_prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, *, scale: float, backend: str
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, *, scale: float, backend: str,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Block-sparse causal attention; q ``[B, Hq, Nq, D]`` (the last Nq of Nk), k/v ``[B, Hkv, Nk, D]``
-    -> ``[B, Hq, Nq, D]`` in q's dtype."""
+    -> ``[B, Hq, Nq, D]`` in q's dtype. ``softcap``: attention-logit soft-capping (Gemma 2)."""
     if backend == "reference":
         from dam.kernels.reference import attention_reference
 
-        return attention_reference(q, k, v, layout, causal=True, scale=scale)[0].to(q.dtype)
+        return attention_reference(q, k, v, layout, causal=True, scale=scale, softcap=softcap)[0].to(q.dtype)
     attn, _ = _kernels()
-    return attn(q, k, v, layout, causal=True, scale=scale, backend=backend, validate=False)  # planner-made
+    return attn(q, k, v, layout, causal=True, scale=scale, backend=backend, validate=False,  # planner-made
+                softcap=softcap)
 
 
 def sparse_decode(
@@ -49,16 +51,18 @@ def sparse_decode(
     cache_seqlens: torch.Tensor,
     scale: float,
     backend: str,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """One query per row at position ``cache_seqlens[b] - 1``; q ``[B, Hq, 1, D]``, k/v
     ``[B, Hkv, S, D]``, cache_seqlens int32 ``[B]`` -> ``[B, Hq, 1, D]``."""
     if backend == "reference":
         from dam.kernels.reference import decode_reference
 
-        out = decode_reference(q, k, v, layout, cache_seqlens=cache_seqlens, scale=scale)[0]
+        out = decode_reference(q, k, v, layout, cache_seqlens=cache_seqlens, scale=scale, softcap=softcap)[0]
         return out.to(q.dtype)
     _, dec = _kernels()
-    return dec(q, k, v, layout, cache_seqlens=cache_seqlens, scale=scale, backend=backend, validate=False)
+    return dec(q, k, v, layout, cache_seqlens=cache_seqlens, scale=scale, backend=backend, validate=False,
+               softcap=softcap)
 
 
 def dense_attention(
@@ -70,6 +74,7 @@ def dense_attention(
     key_valid: torch.Tensor | None = None,
     mask4d: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Dense causal SDPA (queries the last Nq of Nk) -> ``[B, Hq, Nq, D]``.
 
@@ -77,14 +82,15 @@ def dense_attention(
         key_valid: optional bool ``[B, Nk]`` (False = padding, never attended).
         mask4d: a 4D mask prepared by the caller (bool or additive), used as given.
         sliding_window: keep only keys with ``i - j < sliding_window``.
+        softcap: attention-logit soft-capping (see :func:`sdpa`).
     """
     B, Hq, Nq, _ = q.shape
     Nk = k.shape[2]
-    gqa = Hq != k.shape[1]
+    kw = dict(scale=scale, softcap=softcap)
     if mask4d is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask4d, scale=scale, enable_gqa=gqa)
+        return sdpa(q, k, v, attn_mask=mask4d, **kw)
     if key_valid is None and sliding_window is None and Nq in (1, Nk):  # one query sees every key
-        return F.scaled_dot_product_attention(q, k, v, is_causal=Nq > 1, scale=scale, enable_gqa=gqa)
+        return sdpa(q, k, v, is_causal=Nq > 1, **kw)
     i = torch.arange(Nk - Nq, Nk, device=q.device)[:, None]
     j = torch.arange(Nk, device=q.device)[None, :]
     m = (j <= i)[None, None]
@@ -93,11 +99,11 @@ def dense_attention(
     if key_valid is not None:
         m = m & key_valid[:, None, None, :].to(torch.bool)
         m = m | ~m.any(-1, keepdim=True)  # padded query rows: any finite output (discarded)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale, enable_gqa=gqa)
+    return sdpa(q, k, v, attn_mask=m, **kw)
 
 
 def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, window: int,
-                             chunk: int | None = None) -> torch.Tensor:
+                             chunk: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Exact causal sliding-window attention (keys ``i - w < j <= i``), O(Nq * (window + chunk)) work
     instead of masked O(Nq * Nk): queries the last Nq of Nk, in chunks of ``chunk`` queries (default
     ``max(window, 256)``), each against only the keys its window reaches. -> ``[B, Hq, Nq, D]``."""
@@ -105,10 +111,9 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     Nk = k.shape[2]
     if window < 1:
         raise DamRuntimeError(f"sliding window must be positive, got {window}")
-    gqa = Hq != k.shape[1]
     if Nq == 1:  # decode: the last `window` keys, no mask
         lo = max(0, Nk - window)
-        return F.scaled_dot_product_attention(q, k[:, :, lo:], v[:, :, lo:], scale=scale, enable_gqa=gqa)
+        return sdpa(q, k[:, :, lo:], v[:, :, lo:], scale=scale, softcap=softcap)
     C = chunk or max(window, 256)
     out = q.new_empty(B, Hq, Nq, v.shape[-1])
     for r0 in range(0, Nq, C):
@@ -118,6 +123,40 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         i = torch.arange(p0, p1, device=q.device)[:, None]
         j = torch.arange(lo, p1, device=q.device)[None, :]
         m = (j <= i) & (i - j < window)
-        out[:, :, r0:r1] = F.scaled_dot_product_attention(q[:, :, r0:r1], k[:, :, lo:p1], v[:, :, lo:p1],
-                                                          attn_mask=m, scale=scale, enable_gqa=gqa)
+        out[:, :, r0:r1] = sdpa(q[:, :, r0:r1], k[:, :, lo:p1], v[:, :, lo:p1], attn_mask=m, scale=scale,
+                                softcap=softcap)
+    return out
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, attn_mask: torch.Tensor | None = None,
+         is_causal: bool = False, softcap: float | None = None, max_scores: int = 1 << 25) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` (GQA by index), or, with attention-logit soft-capping
+    (scaled scores ``s`` -> ``softcap * tanh(s / softcap)``, which SDPA has no hook for), the same
+    from explicit scores: float32 (float64 inputs: float64), in chunks of query rows of at most
+    ``max_scores`` scores. ``attn_mask``: bool (True = keep) or additive, broadcastable to
+    ``[B, Hq, Nq, Nk]``; ``is_causal``: top-left aligned, as SDPA's."""
+    gqa = q.shape[1] != k.shape[1]
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=gqa)
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    cdt = torch.promote_types(q.dtype, torch.float32)
+    kf, vf = k.to(cdt)[:, :, None], v.to(cdt)[:, :, None]  # [B, Hkv, 1, Nk, D]
+    out = q.new_empty(B, Hq, Nq, v.shape[-1])
+    rows = max(1, max_scores // max(1, B * Hq * Nk))
+    for r0 in range(0, Nq, rows):
+        r1 = min(Nq, r0 + rows)
+        qc = q[:, :, r0:r1].to(cdt).reshape(B, Hkv, g, r1 - r0, D)
+        s = torch.tanh(torch.matmul(qc, kf.transpose(-1, -2)) * (scale / softcap)) * softcap
+        if is_causal:
+            i = torch.arange(r0, r1, device=q.device)[:, None]
+            s = s.masked_fill(torch.arange(Nk, device=q.device)[None, :] > i, float("-inf"))
+        if attn_mask is not None:
+            m = attn_mask[..., r0:r1, :] if attn_mask.shape[-2] == Nq else attn_mask
+            m = m.expand(B, Hq, r1 - r0, Nk).reshape(B, Hkv, g, r1 - r0, Nk)
+            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.to(cdt)
+        p = torch.softmax(s, -1).nan_to_num_(0.0)  # a row with no key: 0
+        out[:, :, r0:r1] = torch.matmul(p, vf).reshape(B, Hq, r1 - r0, -1).to(q.dtype)
     return out

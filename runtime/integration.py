@@ -238,11 +238,10 @@ def dam_attention_forward(
         )
     if dropout and module.training:
         raise DamRuntimeError("DAM attention is for inference: call model.eval() (dropout is not supported)")
-    for name in ("softcap", "s_aux"):
-        if kwargs.get(name) is not None:
-            raise DamRuntimeError(f"{type(module).__name__} passes {name}= (attention logit soft-capping / attention "
-                                  "sinks), which DAM's kernels do not implement; this model is not supported yet")
-    out = handle._attend(tag[1], query, key, value, attention_mask, scaling, sliding_window)
+    if kwargs.get("s_aux") is not None:
+        raise DamRuntimeError(f"{type(module).__name__} passes s_aux= (learned attention sinks, GPT-OSS), which "
+                              "DAM's kernels do not implement; this model is not supported yet")
+    out = handle._attend(tag[1], query, key, value, attention_mask, scaling, sliding_window, kwargs.get("softcap"))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -312,11 +311,6 @@ class DamHandle:
                 "(llama, mistral, qwen2, qwen3, gemma3)"
             )
         configs = _configs(self.model)
-        for c in configs:
-            cap = getattr(c, "attn_logit_softcapping", None)
-            if cap is not None:
-                raise DamRuntimeError(f"this model soft-caps its attention logits (attn_logit_softcapping={cap}, "
-                                      "Gemma 2), which DAM's kernels do not implement yet")
         if any(c._attn_implementation_internal == IMPL for c in configs):
             raise DamRuntimeError("this model already has DAM applied; remove() that handle first")
         _register()
@@ -360,6 +354,14 @@ class DamHandle:
         if scale is None:
             scale = 1.0 / math.sqrt(mod.head_dim)
         return float(scale)
+
+    def softcap(self, layer: int) -> float | None:
+        """``layer``'s attention-logit soft-capping (its ``attn_logit_softcapping``, Gemma 2), or None."""
+        mod = self._modules.get(layer)
+        if mod is None:
+            raise DamRuntimeError(f"layer {layer} has no attention module here (layers 0..{len(self._modules) - 1})")
+        cap = getattr(mod, "attn_logit_softcapping", None)
+        return None if cap is None else float(cap)
 
     @contextlib.contextmanager
     def capture(self, layer: int) -> Iterator[dict[str, Any]]:
@@ -427,7 +429,7 @@ class DamHandle:
     def _dense_for(self, kv_len: int, sliding_window: int | None) -> bool:
         return kv_len < self.config.min_length or (sliding_window is not None and sliding_window < kv_len)
 
-    def _attend(self, layer, q, k, v, mask, scaling, sliding_window) -> torch.Tensor:
+    def _attend(self, layer, q, k, v, mask, scaling, sliding_window, softcap=None) -> torch.Tensor:
         """-> ``[B, Hq, N, D]``."""
         B, Hq, N, D = q.shape
         Nk = k.shape[2]
@@ -438,27 +440,27 @@ class DamHandle:
                 got.clear()
                 got.update(q=q.detach().clone(), k=k.detach().clone(), v=v.detach().clone(), scale=scale)
         if mask is not None and mask.dim() != 2:
-            return _kernels.dense_attention(q, k, v, scale=scale, mask4d=mask)
+            return _kernels.dense_attention(q, k, v, scale=scale, softcap=softcap, mask4d=mask)
         if mask is None and sliding_window is not None:
             # a sliding-window layer runs its exact band (never masked N^2 work nor a block program)
             if sliding_window < Nk:
-                return _kernels.sliding_window_attention(q, k, v, scale=scale, window=sliding_window)
-            return _kernels.dense_attention(q, k, v, scale=scale)
+                return _kernels.sliding_window_attention(q, k, v, scale=scale, softcap=softcap, window=sliding_window)
+            return _kernels.dense_attention(q, k, v, scale=scale, softcap=softcap)
         if N == 1 and self._dense_decode(layer, q.device, Nk):
-            return _kernels.dense_attention(q, k, v, scale=scale, key_valid=mask, sliding_window=sliding_window)
+            return _kernels.dense_attention(q, k, v, scale=scale, softcap=softcap, key_valid=mask, sliding_window=sliding_window)
         if mask is None:
             if self._dense_for(Nk, sliding_window):
-                return _kernels.dense_attention(q, k, v, scale=scale, sliding_window=sliding_window)
-            return self._sparse_uniform(layer, q, k, v, scale)
-        return self._padded(layer, q, k, v, mask, scale, sliding_window)
+                return _kernels.dense_attention(q, k, v, scale=scale, softcap=softcap, sliding_window=sliding_window)
+            return self._sparse_uniform(layer, q, k, v, scale, softcap)
+        return self._padded(layer, q, k, v, mask, scale, sliding_window, softcap)
 
-    def _sparse_uniform(self, layer, q, k, v, scale) -> torch.Tensor:
+    def _sparse_uniform(self, layer, q, k, v, scale, softcap=None) -> torch.Tensor:
         N, Nk = q.shape[2], k.shape[2]
         if self._all_dense[layer] and self.layout_hook is None:
-            return _kernels.dense_attention(q, k, v, scale=scale)
+            return _kernels.dense_attention(q, k, v, scale=scale, softcap=softcap)
         planner = self.planner(layer, q.device)
         if self.layout_hook is None and N > 1 and self._over_break_even(planner, q.device, q.dtype, N, Nk):
-            return _kernels.dense_attention(q, k, v, scale=scale)
+            return _kernels.dense_attention(q, k, v, scale=scale, softcap=softcap)
         layout = planner.plan(N, Nk, q, k, scale=scale)
         if self.layout_hook is not None:
             layout = self.layout_hook(layer, q, k, layout)
@@ -466,11 +468,11 @@ class DamHandle:
             self._captures[layer]["layout"] = layout
         if N == 1:
             seqlens = torch.full((q.shape[0],), Nk, dtype=torch.int32, device=q.device)
-            return _kernels.sparse_decode(q, k, v, layout, cache_seqlens=seqlens, scale=scale,
+            return _kernels.sparse_decode(q, k, v, layout, cache_seqlens=seqlens, scale=scale, softcap=softcap,
                                           backend=self.config.backend)
-        return _kernels.sparse_prefill(q, k, v, layout, scale=scale, backend=self.config.backend)
+        return _kernels.sparse_prefill(q, k, v, layout, scale=scale, softcap=softcap, backend=self.config.backend)
 
-    def _padded(self, layer, q, k, v, valid_k, scale, sliding_window) -> torch.Tensor:
+    def _padded(self, layer, q, k, v, valid_k, scale, sliding_window, softcap=None) -> torch.Tensor:
         B, Hq, N, D = q.shape
         Nk = k.shape[2]
         valid_k = valid_k.to(q.device)
@@ -480,16 +482,16 @@ class DamHandle:
         lk_host = lk.tolist()  # one sync per layer, padded batches only
         dense_rows = [self._dense_for(n, sliding_window) for n in lk_host]
         if all(dense_rows):
-            out = _kernels.dense_attention(q, k, v, scale=scale, key_valid=valid_k, sliding_window=sliding_window)
+            out = _kernels.dense_attention(q, k, v, scale=scale, softcap=softcap, key_valid=valid_k, sliding_window=sliding_window)
             return _zero_pad_rows(out, valid_q)
         if N > 1 and self.layout_hook is None:  # the dense rule, per row as it would run alone
             dense_rows = self._rule_dense_rows(layer, q, lq.tolist(), lk_host, dense_rows)
             if all(dense_rows):
-                out = _kernels.dense_attention(q, k, v, scale=scale, key_valid=valid_k, sliding_window=sliding_window)
+                out = _kernels.dense_attention(q, k, v, scale=scale, softcap=softcap, key_valid=valid_k, sliding_window=sliding_window)
                 return _zero_pad_rows(out, valid_q)
         past_ok = N == 1 or N == Nk or bool(valid_k[:, : Nk - N].all())
         if any(dense_rows) or not past_ok or self.layout_hook is not None:
-            return self._per_row(layer, q, k, v, valid_k, valid_q, scale, sliding_window)
+            return self._per_row(layer, q, k, v, valid_k, valid_q, scale, sliding_window, softcap)
         # gather each row's valid keys / queries to the front (stable: order kept)
         ok = torch.argsort((~valid_k).to(torch.int8), dim=1, stable=True)
         kc = torch.gather(k, 2, ok[:, None, :, None].expand(-1, k.shape[1], -1, D))
@@ -499,12 +501,12 @@ class DamHandle:
             ones = torch.ones_like(lk)
             layout = planner.plan_ragged(ones, lk.clamp(min=1), q, kc, scale=scale)
             out = _kernels.sparse_decode(q, kc, vc, layout, cache_seqlens=lk.clamp(min=1).to(torch.int32),
-                                         scale=scale, backend=self.config.backend)
+                                         scale=scale, softcap=softcap, backend=self.config.backend)
             return _zero_pad_rows(out, valid_q)
         oq = torch.argsort((~valid_q).to(torch.int8), dim=1, stable=True)
         qc = torch.gather(q, 2, oq[:, None, :, None].expand(-1, Hq, -1, D))
         layout = planner.plan_ragged(lq, lk, qc, kc, scale=scale)
-        outc = _kernels.sparse_prefill(qc, kc, vc, layout, scale=scale, backend=self.config.backend)
+        outc = _kernels.sparse_prefill(qc, kc, vc, layout, scale=scale, softcap=softcap, backend=self.config.backend)
         out = torch.full_like(outc, float("nan"))  # every row is written by the scatter
         out.scatter_(2, oq[:, None, :, None].expand(-1, Hq, -1, outc.shape[-1]), outc)
         return _zero_pad_rows(out, valid_q)
@@ -523,7 +525,7 @@ class DamHandle:
         """The dense rule: the planned density bound of ``(q_len, kv_len)`` is above the break-even."""
         return planner.density_bound(q_len, kv_len) > self.config.dense_threshold(device, dtype, kv_len)
 
-    def _per_row(self, layer, q, k, v, valid_k, valid_q, scale, sliding_window) -> torch.Tensor:
+    def _per_row(self, layer, q, k, v, valid_k, valid_q, scale, sliding_window, softcap=None) -> torch.Tensor:
         out = torch.zeros((*q.shape[:3], v.shape[-1]), dtype=q.dtype, device=q.device)
         for b in range(q.shape[0]):
             iq = valid_q[b].nonzero().squeeze(1)
@@ -532,9 +534,9 @@ class DamHandle:
             ik = valid_k[b].nonzero().squeeze(1)
             qb, kb, vb = q[b:b + 1, :, iq], k[b:b + 1, :, ik], v[b:b + 1, :, ik]
             if self._dense_for(kb.shape[2], sliding_window):
-                ob = _kernels.dense_attention(qb, kb, vb, scale=scale, sliding_window=sliding_window)
+                ob = _kernels.dense_attention(qb, kb, vb, scale=scale, softcap=softcap, sliding_window=sliding_window)
             else:
-                ob = self._sparse_uniform(layer, qb, kb, vb, scale)
+                ob = self._sparse_uniform(layer, qb, kb, vb, scale, softcap)
             out[b, :, iq] = ob[0]
         return out
 

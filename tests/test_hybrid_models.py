@@ -14,9 +14,8 @@ import dam.runtime as rt
 from dam.compiler import ArtifactError, CompileConfig, MaskProgram, compile_profile
 from dam.profiler import ProfileConfig, attention_layer_types, capture, model_fingerprint, profile
 from dam.runtime import _kernels
-from dam.runtime.errors import DamRuntimeError
 
-from ._helpers_hybrid import TYPES, tiny_gemma3
+from ._helpers_hybrid import SOFTCAP, TYPES, tiny_gemma2, tiny_gemma3
 from .profiler.test_capture import reference_stats
 from .runtime._helpers import make_artifact
 
@@ -24,11 +23,15 @@ EPS32 = torch.finfo(torch.float32).eps
 EPS64 = torch.finfo(torch.float64).eps
 
 
-def _eager64(module, query, key, value, attention_mask, scaling, dropout=0.0, sliding_window=None, **kw):
-    """float64 attention by its definition: causal, and ``i - j < sliding_window`` on sliding layers."""
+def _eager64(module, query, key, value, attention_mask, scaling, dropout=0.0, sliding_window=None, softcap=None,
+             **kw):
+    """float64 attention by its definition: causal, ``i - j < sliding_window`` on sliding layers, and
+    the scaled scores soft-capped (``softcap * tanh(s / softcap)``) where the model does."""
     g = query.shape[1] // key.shape[1]
     k, v = key.repeat_interleave(g, 1).double(), value.repeat_interleave(g, 1).double()
     s = query.double() @ k.transpose(-1, -2) * scaling
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
     n, m = s.shape[-2:]
     i = torch.arange(m - n, m)[:, None]
     j = torch.arange(m)[None, :]
@@ -37,10 +40,13 @@ def _eager64(module, query, key, value, attention_mask, scaling, dropout=0.0, sl
     return (p @ v).transpose(1, 2).to(query.dtype), p
 
 
-def _eager_logits(model, ids):
+def _eager_logits(model, ids, softcap=True):
+    """Logits and float64 attention maps of ``model`` on ``ids`` through :func:`_eager64` (``softcap``
+    False: ignoring the model's soft-capping, to show it matters)."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register("dam_test_hybrid64", _eager64)
+    AttentionInterface.register("dam_test_hybrid64", _eager64 if softcap else
+                                lambda *a, softcap=None, **kw: _eager64(*a, **kw))
     prev = model.config._attn_implementation
     model.set_attn_implementation("dam_test_hybrid64")
     try:
@@ -161,17 +167,84 @@ def test_artifact_for_another_layer_layout_is_refused():
         rt.apply(model, other)
 
 
-def test_soft_capped_attention_is_refused():
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+def test_soft_capped_model_through_capture_and_runtime_matches_float64():
+    """Gemma 2 (attention-logit soft-capping): the profiler's statistics of the full layer equal
+    float64 soft-capped maps'; with dense programs the runtime's forward equals float64 eager."""
+    model = tiny_gemma2()
+    n, bs, p = 70, 16, 24
+    ids = torch.randint(0, 257, (2, n))
+    want, A = _eager_logits(model, ids)
+    plain, _ = _eager_logits(model, ids, softcap=False)
+    assert (want - plain).abs().max() > 1e-3  # the cap matters on these scores
+    st = capture(model, ids, capture_length=p, block_size=bs, chunk=32)
+    ref = reference_stats(A, p, bs)
+    ref.pop("topp_blocks")
+    for name, w in ref.items():
+        torch.testing.assert_close(getattr(st, name)[1], w[1], rtol=0, atol=256 * EPS64, msg=name)
+    art = _hybrid_artifact(model, (MaskProgram(dense=True),))
+    for backend in ("cpu", "reference"):
+        with rt.apply(model, art, backend=backend, min_length=1), torch.no_grad():
+            got = model(ids[:1]).logits
+        torch.testing.assert_close(got, want[:1], rtol=0, atol=1e3 * EPS64 * want.abs().max().item())
 
-    cfg = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8,
-                       attn_logit_softcapping=50.0)
-    model = Gemma2ForCausalLM(cfg).eval()
-    art = make_artifact(model.config, (MaskProgram(dense=True),))
-    art.metadata["model"].update(layer_types=list(cfg.layer_types), sliding_window=8)
-    with pytest.raises(DamRuntimeError, match="soft-caps its attention logits"):
-        rt.apply(model, art)
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_soft_capped_sparse_layers_equal_the_float64_reference(dtype):
+    """Sparse programs (sinks, window, dynamic blocks) on the full layer of a soft-capped model: the
+    CPU kernel's forward equals the float64 reference kernel's on the same layouts (prefill, then
+    decode steps through the cache)."""
+    model = tiny_gemma2(dtype=dtype)
+    progs = (MaskProgram(sink=16, window=32), MaskProgram(sink=16, dynamic_fraction=0.3),
+             MaskProgram(window=48), MaskProgram(dense=True))
+    art = _hybrid_artifact(model, progs)
+    ids = torch.randint(0, 257, (1, 150))
+    out = {}
+    for backend in ("cpu", "reference"):
+        with rt.apply(model, art, backend=backend, min_length=1), torch.no_grad():
+            out[backend] = model(ids).logits.double()
+            out[backend + "-gen"] = model.generate(ids, max_new_tokens=6, do_sample=False)
+    eps = torch.finfo(dtype).eps
+    scale = out["reference"].abs().max().item()
+    torch.testing.assert_close(out["cpu"], out["reference"], rtol=0, atol=64 * eps * scale)
+    if dtype == torch.float64:
+        assert torch.equal(out["cpu-gen"], out["reference-gen"])
+
+
+def test_softcap_kernels_equal_the_float64_reference():
+    """block_sparse_attention / block_sparse_decode with softcap, on random layouts with GQA, and the
+    runtime's dense and banded fallbacks, against float64 soft-capped attention."""
+    from dam.kernels import BlockLayout, block_sparse_attention, block_sparse_decode, reference
+    from dam.kernels.synthetic import realistic_mask
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    cap = SOFTCAP
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        eps = torch.finfo(dtype).eps
+        q = (torch.randn(2, 4, 200, 32) * 2).to(dtype)
+        k, v = (torch.randn(2, 2, 200, 32) * 2).to(dtype), torch.randn(2, 2, 200, 32).to(dtype)
+        lay = BlockLayout.from_block_mask(realistic_mask(4, 13, 0.4, gen), 16, 16)
+        got, lse = block_sparse_attention(q, k, v, lay, scale=0.3, softcap=cap, backend="cpu", return_lse=True)
+        want, wlse = reference.attention_reference(q, k, v, lay, scale=0.3, softcap=cap)
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=16 * eps * want.abs().max().item())
+        torch.testing.assert_close(lse.double(), wlse, rtol=0, atol=64 * max(eps, 2 ** -23) * wlse.abs().max().item())
+        plain = reference.attention_reference(q, k, v, lay, scale=0.3)[0]
+        assert (plain - want).abs().max() > 1e-2  # the cap matters
+        dl = BlockLayout.from_block_mask(realistic_mask(4, 13, 0.4, gen)[:, :, -1:], 16, 16)
+        lens = torch.tensor([200, 131])
+        got = block_sparse_decode(q[:, :, -1:], k, v, dl, cache_seqlens=lens, scale=0.3, softcap=cap, backend="cpu")
+        want = reference.decode_reference(q[:, :, -1:], k, v, dl, cache_seqlens=lens, scale=0.3, softcap=cap)[0]
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=16 * eps * want.abs().max().item())
+        for w in (None, 40):
+            if w is None:
+                got = _kernels.dense_attention(q, k, v, scale=0.3, softcap=cap)
+            else:
+                got = _kernels.sliding_window_attention(q, k, v, scale=0.3, window=w, chunk=64, softcap=cap)
+            want, _ = _eager64(None, q, k, v, None, 0.3, sliding_window=w, softcap=cap)
+            torch.testing.assert_close(got.double(), want.transpose(1, 2).double(), rtol=0,
+                                       atol=16 * eps * want.abs().max().item())
+    with pytest.raises(Exception, match="softcap"):
+        block_sparse_attention(q, k, v, lay, softcap=-1.0, backend="cpu")
 
 
 def test_density_of_sliding_layers_counts_the_window():
@@ -236,3 +309,16 @@ def test_every_layer_sliding_compiles_to_native_windows(tmp_path, tokenizer_dir)
         with rt.apply(model, art, backend="cpu", min_length=1):
             got = model(ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e3 * EPS32 * float(want.abs().max()))
+
+
+def test_learned_sinks_are_refused_by_name():
+    """GPT-OSS's s_aux (learned attention sinks) has no kernel: one clear error, not a wrong output."""
+    from dam.runtime.errors import DamRuntimeError
+    from dam.runtime.integration import dam_attention_forward
+
+    model = tiny_gemma3(dtype=torch.float32, attn="sdpa")
+    with rt.apply(model, _hybrid_artifact(model, (MaskProgram(dense=True),)), backend="cpu"):
+        mod = model.model.layers[1].self_attn
+        q, k = torch.randn(1, 4, 8, 256), torch.randn(1, 1, 8, 256)
+        with pytest.raises(DamRuntimeError, match="s_aux"):
+            dam_attention_forward(mod, q, k, k, None, scaling=0.1, s_aux=torch.zeros(4))

@@ -103,7 +103,7 @@ class OracleHook:
         B = layout.block_m
         nq, nk = q.shape[2], k.shape[2]
         scale = self.handle.scaling(layer)
-        mass = block_mass(q, k, scale, B, self.max_elements)[0]  # [H, nqb, nkb] float64
+        mass = block_mass(q, k, scale, B, self.max_elements, softcap=self.handle.softcap(layer))[0]  # [H, nqb, nkb]
         return BlockLayout.from_block_mask(oracle_mask(mass, nq, nk, B, self.target_recall)[None].to(q.device), B, B)
 
 

@@ -111,7 +111,7 @@ class RecallReport:
 
 
 def block_mass(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
-               max_elements: int = 1 << 24, query_stride: int = 1) -> torch.Tensor:
+               max_elements: int = 1 << 24, query_stride: int = 1, softcap: float | None = None) -> torch.Tensor:
     """Exact causal attention mass pooled into blocks, float64 ``[Bt, Hq, nQB, nKB]``.
 
     ``q [Bt, Hq, Nq, D]`` are the last ``Nq`` of ``Nk`` positions, ``k [Bt, Hkv, Nk, D]`` (GQA by
@@ -121,7 +121,8 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
     rows of the result are 0): a systematic sample of the query rows, s times cheaper. Computed per
     chunk of query blocks (at most ``max_elements`` scores per chunk), scores, softmax and each
     row's sum over one key block (B terms) in float32 (float64 for float64 inputs), the sums over
-    rows and chunks in float64.
+    rows and chunks in float64. ``softcap``: the model's attention-logit soft-capping, applied to
+    the scaled scores as the model does.
     """
     Bt, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -149,6 +150,8 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
         rows = q[:, :, idx[0]:idx[-1] + 1] if query_stride == 1 else q.index_select(2, idx.to(q.device))
         qc = rows.to(cdt).reshape(Bt, Hkv, G, r, D)
         s = torch.matmul(qc * scale, kf[:, :, None, :kcut].transpose(-1, -2))  # [Bt,Hkv,G,r,kcut]
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
         lo = int(pos[0])  # keys before the chunk's first query are visible to every row
         fut = torch.arange(lo, kcut, device=q.device)[None, :] > pos[:, None]
         s[..., lo:].masked_fill_(fut, float("-inf"))
@@ -241,7 +244,7 @@ def measure_recall(
             raise DamRuntimeError("measure_recall measures one-shot prefill (q_len == kv_len)")
         scale = handle.scaling(layer)
         with torch.no_grad():
-            mass = block_mass(q, k, scale, B, max_elements, query_stride)
+            mass = block_mass(q, k, scale, B, max_elements, query_stride, handle.softcap(layer))
             planner = handle.planner(layer, q.device)
             ql = torch.tensor([nq], device=q.device)
             kl = torch.tensor([nk], device=q.device)

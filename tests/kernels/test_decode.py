@@ -17,9 +17,9 @@ from .helpers import (
 )
 
 
-def _decode_case(backend, b, hq, hkv, smax, bn, d, lens, dtype, p=0.5, shared=False):
+def _decode_case(backend, b, hq, hkv, smax, bn, d, lens, dtype, p=0.5, shared=False, softcap=None):
     dev = backend_device(backend)
-    q = torch.randn(b, hq, 1, d, dtype=dtype, device=dev)
+    q = torch.randn(b, hq, 1, d, dtype=dtype, device=dev) * (4 if softcap is not None else 1)
     kc = torch.randn(b, hkv, smax, d, dtype=dtype, device=dev)
     vc = torch.randn(b, hkv, smax, d, dtype=dtype, device=dev)
     nkb = -(-smax // bn)
@@ -32,8 +32,8 @@ def _decode_case(backend, b, hq, hkv, smax, bn, d, lens, dtype, p=0.5, shared=Fa
     out = poisoned(q.shape, dtype, dev)
     lse = poisoned((b, hq, 1), torch.float32, dev)
     block_sparse_decode(q, kc, vc, layout, cache_seqlens=seqlens, return_lse=True,
-                        backend=backend, out=out, lse_out=lse)
-    ro, rl = reference.decode_reference(q, kc, vc, layout.to("cpu"), cache_seqlens=seqlens)
+                        backend=backend, out=out, lse_out=lse, softcap=softcap)
+    ro, rl = reference.decode_reference(q, kc, vc, layout.to("cpu"), cache_seqlens=seqlens, softcap=softcap)
     assert_close_to_reference(out, lse, ro, rl, dtype, float(vc.abs().max()))
     return q, kc, vc, layout, seqlens, out
 
@@ -56,6 +56,15 @@ def test_decode_cpu_thread_counts(threads):
         assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_softcap(backend, dtype):
+    """Soft-capped decode (Gemma 2) equals the soft-capped float64 reference, and the cap matters."""
+    q, kc, vc, layout, seqlens, out = _decode_case(backend, 2, 4, 2, 300, 32, 64, [300, 77], dtype, softcap=2.0)
+    plain = reference.decode_reference(q, kc, vc, layout.to("cpu"), cache_seqlens=seqlens)[0]
+    assert (plain - out.double().cpu()).abs().max() > 0.05
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

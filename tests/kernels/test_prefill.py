@@ -40,7 +40,7 @@ CPU_CASES = [
 
 
 def _run_case(backend, case, dtype, *, shared_gqa=False, layout_heads=None, realistic=False,
-              with_lse=True):
+              with_lse=True, softcap=None):
     b, hq, hkv, nq, nk, bm, bn, d, causal = case
     dev = backend_device(backend)
     q = torch.randn(b, hq, nq, d, dtype=dtype, device=dev)
@@ -57,9 +57,14 @@ def _run_case(backend, case, dtype, *, shared_gqa=False, layout_heads=None, real
         mask = mask.repeat_interleave(hq // hkv, dim=1)
     layout = layout_from(mask, bm, bn, dev)
     out = poisoned(q.shape, dtype, dev)
-    ref_out, ref_lse = reference.attention_reference(q, k, v, layout.to("cpu"), causal=causal)
+    if softcap is not None:  # scores large enough that the cap bends them
+        q = q * 4
+    ref_out, ref_lse = reference.attention_reference(q, k, v, layout.to("cpu"), causal=causal, softcap=softcap)
+    if softcap is not None:
+        plain = reference.attention_reference(q, k, v, layout.to("cpu"), causal=causal)[0]
+        assert (plain - ref_out).abs().max() > 0.05
     if not with_lse:  # the path that skips the LSE bookkeeping
-        res = block_sparse_attention(q, k, v, layout, causal=causal, backend=backend, out=out)
+        res = block_sparse_attention(q, k, v, layout, causal=causal, backend=backend, out=out, softcap=softcap)
         assert res is out
         tol = out_atol(dtype, float(v.abs().max()))
         assert not torch.isnan(out).any()
@@ -67,7 +72,7 @@ def _run_case(backend, case, dtype, *, shared_gqa=False, layout_heads=None, real
         return
     lse = poisoned((b, hq, nq), torch.float32, dev)
     res = block_sparse_attention(
-        q, k, v, layout, causal=causal, return_lse=True, backend=backend, out=out, lse_out=lse
+        q, k, v, layout, causal=causal, return_lse=True, backend=backend, out=out, lse_out=lse, softcap=softcap
     )
     assert res[0] is out and res[1] is lse
     assert_close_to_reference(out, lse, ref_out, ref_lse, dtype, float(v.abs().max()))
@@ -87,6 +92,21 @@ def test_triton_bf16_upcast_under_interpreter():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_matches_reference(case, dtype):
     _run_case("cpu", case, dtype)
+
+
+@pytest.mark.parametrize("case", [CPU_CASES[2], CPU_CASES[-1]], ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_softcap_matches_reference(case, dtype):
+    """Attention-logit soft-capping (Gemma 2): the CPU path's explicit-score tiles and dense prefixes."""
+    _run_case("cpu", case, dtype, softcap=2.0)
+    _run_case("cpu", case, dtype, softcap=2.0, shared_gqa=case[1] != case[2])
+
+
+@pytest.mark.parametrize("case", [TRITON_CASES[1], TRITON_CASES[2], TRITON_CASES[-1]],
+                         ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_softcap_matches_reference(case, dtype):
+    _run_case("triton", case, dtype, softcap=2.0)
 
 
 @pytest.mark.parametrize("case", CPU_CASES[:3], ids=lambda c: "x".join(map(str, c)))

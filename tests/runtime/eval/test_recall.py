@@ -191,3 +191,18 @@ def test_top1_agreement():
     s = torch.tensor([[[0.0, 1.0], [0.0, 1.0], [0.0, 1.0], [2.0, 1.0]]])
     assert top1_agreement(d, s) == 0.75
     assert top1_agreement(d, s, last=2) == 1.0
+
+
+def test_block_mass_soft_capped():
+    """With softcap the mass is that of the capped scores' softmax (as the model attends)."""
+    torch.manual_seed(3)
+    q = torch.randn(1, 4, 80, 8).double() * 3
+    k = torch.randn(1, 2, 80, 8).double() * 3
+    got = block_mass(q, k, 0.5, 16, softcap=2.0)
+    s = q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.5
+    s = torch.tanh(s / 2.0) * 2.0
+    s = s.masked_fill(torch.ones(80, 80, dtype=torch.bool).triu(1), float("-inf"))
+    p = torch.softmax(s, -1)[0]
+    want = p.reshape(4, 5, 16, 5, 16).sum((2, 4))
+    torch.testing.assert_close(got[0], want, **F64)
+    assert (block_mass(q, k, 0.5, 16) - got).abs().max() > 1e-2
