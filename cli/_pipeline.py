@@ -16,9 +16,10 @@ RETRIEVAL_SEED_BASE = 7_000_000
 
 
 def build_samples(tokenizer, data: str, lengths: Sequence[int], tasks: Sequence[str], samples: int,
-                  *, seed: int = 0, start: int = 64):
+                  *, seed: int = 0, start: int = 64, passkey_depths: Sequence[float] | None = None):
     """EvalSamples: ``samples`` text windows of ``data`` (stream items ``start ..``) per length for
-    fidelity/recall, and ``samples`` passkey / kv-retrieval prompts per length when asked."""
+    fidelity/recall, and ``samples`` passkey / kv-retrieval prompts per length when asked (with
+    ``passkey_depths``: ``samples`` pass-key prompts at each of those depths)."""
     import torch
 
     from dam.profiler import calibration_samples, make_kv_retrieval_ids, make_passkey_ids
@@ -33,10 +34,14 @@ def build_samples(tokenizer, data: str, lengths: Sequence[int], tasks: Sequence[
         for task, make, lead in (("passkey", make_passkey_ids, " "), ("kv-retrieval", make_kv_retrieval_ids, ' "')):
             if task not in tasks:
                 continue
+            depths = passkey_depths if task == "passkey" and passkey_depths else (None,)
             for i in range(samples):
-                ids, ans = make(tokenizer, n, RETRIEVAL_SEED_BASE + 1000 * n + i)
-                ans_ids = tokenizer(lead + ans, add_special_tokens=False)["input_ids"]
-                out.append(EvalSample(task, torch.tensor(ids, dtype=torch.long), tuple(ans_ids), ans))
+                for depth in depths:
+                    seed_i = RETRIEVAL_SEED_BASE + 1000 * n + i
+                    ids, ans = make(tokenizer, n, seed_i) if depth is None else make(tokenizer, n, seed_i, depth)
+                    ans_ids = tokenizer(lead + ans, add_special_tokens=False)["input_ids"]
+                    out.append(EvalSample(task, torch.tensor(ids, dtype=torch.long), tuple(ans_ids), ans,
+                                          depth=depth))
     return out
 
 

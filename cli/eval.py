@@ -21,6 +21,18 @@ def _csv(choices):
     return convert
 
 
+def _depths(value):
+    if value is None:
+        return None
+    try:
+        depths = tuple(float(v) for v in str(value).split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give fractions such as 0.1,0.5,0.9") from None
+    if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
+        raise click.BadParameter(f"{value!r}: depths are fractions in [0, 1]")
+    return depths
+
+
 def _methods(ctx, param, value):
     """Method names as the registry parses them (``dam-paper`` is the artifact compiled from --profile)."""
     from dam.runtime.errors import DamRuntimeError
@@ -54,6 +66,9 @@ def _methods(ctx, param, value):
                    "parameters after colons, e.g. dam:last_query=0.1, minference:last_q=128.")
 @click.option("--samples", default=1, show_default=True, type=click.IntRange(min=1),
               help="Text samples (and prompts per retrieval task) per length.")
+@click.option("--passkey-depths", default=None, callback=lambda ctx, p, v: _depths(v),
+              help="Pass-key depths, e.g. 0.1,0.5,0.9: --samples prompts at each (default: one random depth "
+                   "per prompt).")
 @click.option("--profile", "profile_store", default=None, type=click.Path(exists=True),
               help="Profile store to compile the dam-paper baseline from.")
 @click.option("--backend", type=click.Choice(["auto", "triton", "cpu"]), default="auto", show_default=True)
@@ -69,7 +84,8 @@ def _methods(ctx, param, value):
 @click.option("--out", default="out/eval", show_default=True, type=click.Path(file_okay=False),
               help="Directory for eval.json and the PNG plots.")
 @one_line_errors
-def eval_cmd(model, artifact, data, start, seed, lengths, tasks, methods, samples, profile_store, backend,
+def eval_cmd(model, artifact, data, start, seed, lengths, tasks, methods, samples, passkey_depths, profile_store,
+             backend,
              last_query, recall_stride, device, dtype, out):
     """Evaluate MODEL with DAM's ARTIFACT and baselines against dense attention."""
     from dam.compiler import load_artifact
@@ -98,7 +114,7 @@ def eval_cmd(model, artifact, data, start, seed, lengths, tasks, methods, sample
         dtype = default_dtype(device)
         click.echo(f"dtype {dtype} (auto for {device}; --dtype float32 to change)")
     mdl, tok = load_model(model, device=device, dtype=dtype)
-    inputs = build_samples(tok, data, lens, tasks, samples, seed=seed, start=start)
+    inputs = build_samples(tok, data, lens, tasks, samples, seed=seed, start=start, passkey_depths=passkey_depths)
     progress, close = tqdm_progress("eval")
     try:
         report = evaluate(mdl, arts, inputs, cfg, progress=progress)
@@ -107,7 +123,11 @@ def eval_cmd(model, artifact, data, start, seed, lengths, tasks, methods, sample
     report.skipped.update(skipped)
     meta = {"model": model, "artifact": artifact, "data": data, "start": start, "seed": seed,
             "lengths": lens, "samples": samples, "profile": profile_store, "backend": backend, "device": device,
-            "dtype": dtype, "recall_stride": recall_stride}
+            "dtype": dtype, "recall_stride": recall_stride, "passkey_depths": passkey_depths}
     paths = write_report(report, out, meta)
     click.echo(report.format_table())
+    for row in report.rows():
+        if "passkey_by_depth" in row:
+            click.echo(f"passkey by depth, {row['length']} tokens, {row['method']}: "
+                       + ", ".join(f"{d}: {a:.2f}" for d, a in row["passkey_by_depth"].items()))
     click.echo("wrote " + ", ".join(paths))

@@ -54,8 +54,9 @@ def _rng(seed: int, index: int, tag: str) -> random.Random:
     return random.Random(f"dam:{tag}:{seed}:{index}")
 
 
-def make_passkey_ids(tokenizer, length: int, seed: int) -> tuple[list[int], str]:
-    """A pass-key retrieval prompt of exactly ``length`` token ids.
+def make_passkey_ids(tokenizer, length: int, seed: int, depth: float | None = None) -> tuple[list[int], str]:
+    """A pass-key retrieval prompt of exactly ``length`` token ids, the key at ``depth`` (the fraction
+    of the filler before it, on a sentence-group boundary; None: drawn from the seed).
 
     Returns:
         ``(ids, answer)``: ids (``len == length``) end with "What is the pass key? The pass key
@@ -71,7 +72,11 @@ def make_passkey_ids(tokenizer, length: int, seed: int) -> tuple[list[int], str]
     if budget < 0:
         raise ProfileError(f"a pass-key prompt needs at least {length - budget} tokens; got length {length}")
     body = (filler * (budget // len(filler) + 1))[:budget]
-    depth = rng.random()
+    drawn = rng.random()
+    if depth is None:
+        depth = drawn
+    elif not 0.0 <= depth <= 1.0:
+        raise ProfileError(f"pass-key depth must lie in [0, 1], got {depth}")
     cut = int(depth * (budget // len(filler) + 1)) * len(filler)  # on a sentence-group boundary
     cut = min(cut, budget // len(filler) * len(filler))
     ids = intro + body[:cut] + needle + body[cut:] + question

@@ -98,6 +98,7 @@ class EvalSample:
     input_ids: torch.Tensor
     answer_ids: tuple[int, ...] = ()
     answer: str = ""
+    depth: float | None = None  # where a pass key sits (fraction of the prompt's filler), when set
 
     def __post_init__(self) -> None:
         if self.kind not in ("text", "passkey", "kv-retrieval"):
@@ -130,6 +131,7 @@ class MethodResult:
     kl_q4: float | None = None
     nll: float | None = None
     correct: bool | None = None
+    depth: float | None = None
     layer_density: list[float] = field(default_factory=list)
     layer_recall: list[float] = field(default_factory=list)
     head_density: list[list[float]] = field(default_factory=list)
@@ -173,6 +175,10 @@ class EvalReport:
                     if tr and task in self.tasks:
                         row[f"{task}_acc"] = _mean([float(bool(r.correct)) for r in tr])
                         row[f"{task}_n"] = len(tr)
+                        depths = sorted({r.depth for r in tr if r.depth is not None})
+                        if depths:  # accuracy per depth: {"0.1": acc, ...}
+                            row[f"{task}_by_depth"] = {f"{d:g}": _mean([float(bool(r.correct)) for r in tr
+                                                                         if r.depth == d]) for d in depths}
                 layers = [r.layer_density for r in rs if r.layer_density]
                 if layers:
                     row["layer_density"] = [_mean(col) for col in zip(*layers, strict=True)]
@@ -307,8 +313,8 @@ def evaluate(
         full = torch.cat([ids, torch.tensor(sample.answer_ids, dtype=ids.dtype, device=dev)]) \
             if sample.kind != "text" else ids
         dense_logits = _dense_forward(model, full)
-        results.append(_score(MethodResult("dense", sample.kind, sample.length), sample, ids, dense_logits,
-                              dense_logits))
+        results.append(_score(MethodResult("dense", sample.kind, sample.length, depth=sample.depth), sample, ids,
+                              dense_logits, dense_logits))
         done += 1
         if progress:
             progress(done, total)
@@ -316,7 +322,7 @@ def evaluate(
                                   last_query=config.last_query, cache=cache)
         for spec in specs:  # "dam" first: the baselines are matched to it
             r = run_method(model, spec, ctx, full, config)
-            r.kind, r.length = sample.kind, sample.length
+            r.kind, r.length, r.depth = sample.kind, sample.length, sample.depth
             if spec.name == "dam":
                 ctx = dataclasses.replace(ctx, density=r.density, recall=min(r.recall, 1.0))
             results.append(_score(r, sample, ids, dense_logits, r.logits))

@@ -79,6 +79,15 @@ def test_eval_options_and_errors(tiny_dir, tmp_path):
     assert bad_lq.exit_code != 0 and "--last-query" in bad_lq.output
     missing = CliRunner().invoke(main, [*base, "--data", "/no/such/file.txt", "--out", str(tmp_path / "b")])
     assert missing.exit_code == 1 and "Error: ProfileError" in missing.output
+    pk = CliRunner().invoke(main, [*base, "--tasks", "passkey", "--methods", "dam", "--lengths", "200",
+                                   "--passkey-depths", "0.1,0.9", "--out", str(tmp_path / "d")])
+    assert pk.exit_code == 0, pk.output
+    row = next(r for r in json.loads((tmp_path / "d" / "eval.json").read_text())["rows"] if r["method"] == "dam")
+    assert set(row["passkey_by_depth"]) == {"0.1", "0.9"} and row["passkey_n"] == 2
+    assert "passkey by depth, 200 tokens, dam: 0.1:" in pk.output
+    for bad_depths in ("0.5,2", "x"):
+        bad_pk = CliRunner().invoke(main, [*base, "--passkey-depths", bad_depths])
+        assert bad_pk.exit_code != 0 and "--passkey-depths" in bad_pk.output
 
 
 @pytest.mark.slow

@@ -30,6 +30,24 @@ def test_passkey_exact_length_and_answer(tokenizer, length):
     assert len(keys) > 4  # the seed changes the key
 
 
+def test_passkey_at_a_given_depth(tokenizer):
+    """``depth`` places the key where asked (fraction of the filler before it); the default keeps
+    the seed's own depth and key; a depth outside [0, 1] is refused."""
+    n = 1000
+    needle = tokenizer(" The pass key is", add_special_tokens=False)["input_ids"]
+
+    def where(ids):
+        return next(i for i in range(len(ids)) if ids[i:i + len(needle)] == needle) / n
+
+    at = {d: make_passkey_ids(tokenizer, n, seed=5, depth=d) for d in (0.0, 0.5, 1.0)}
+    assert {k for _, k in at.values()} == {make_passkey_ids(tokenizer, n, seed=5)[1]}  # same key
+    pos = [where(at[d][0]) for d in (0.0, 0.5, 1.0)]
+    assert pos[0] < 0.2 and 0.35 < pos[1] < 0.65 and pos[2] > 0.8
+    assert all(len(ids) == n for ids, _ in at.values())
+    with pytest.raises(ProfileError, match="depth"):
+        make_passkey_ids(tokenizer, n, seed=5, depth=1.5)
+
+
 @pytest.mark.parametrize("length", [200, 1000, 1025])
 def test_kv_retrieval_exact_length_and_answer(tokenizer, length):
     ids, value = make_kv_retrieval_ids(tokenizer, length, seed=3)

@@ -264,3 +264,19 @@ def test_evaluate_reports_progress_from_zero_to_total():
              EvalConfig(methods=("dam", "streaming"), tasks=("fidelity",), backend="cpu"),
              progress=lambda done, total: calls.append((done, total)))
     assert calls == [(i, 6) for i in range(7)]
+
+
+def test_passkey_accuracy_per_depth():
+    """Retrieval samples that carry a depth are reported per depth as well as in all."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    dam = make_artifact(model.config, MIXED_PROGRAMS, block_size=16)
+    samples = [EvalSample("passkey", torch.randint(0, 128, (60,)), answer_ids=(5, 6), depth=d)
+               for d in (0.1, 0.1, 0.9)]
+    rep = evaluate(model, {"dam": dam}, samples, EvalConfig(methods=("dam",), tasks=("passkey",), backend="cpu"))
+    for row in rep.rows():
+        by = row["passkey_by_depth"]
+        assert set(by) == {"0.1", "0.9"} and row["passkey_n"] == 3
+        runs = [r for r in rep.results if r.method == row["method"]]
+        assert by["0.9"] == float(bool(runs[2].correct))
+        assert row["passkey_acc"] == pytest.approx(sum(float(bool(r.correct)) for r in runs) / 3)
