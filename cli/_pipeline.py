@@ -37,8 +37,8 @@ def build_samples(tokenizer, data: str, lengths: Sequence[int], tasks: Sequence[
                 continue
             depths = passkey_depths if task == "passkey" and passkey_depths else (None,)
             for i in range(samples):
+                seed_i = RETRIEVAL_SEED_BASE + 1000 * n + i
                 for depth in depths:
-                    seed_i = RETRIEVAL_SEED_BASE + 1000 * n + i
                     ids, ans = make(tokenizer, n, seed_i) if depth is None else make(tokenizer, n, seed_i, depth)
                     ans_ids = tokenizer(lead + ans, add_special_tokens=False)["input_ids"]
                     out.append(EvalSample(task, torch.tensor(ids, dtype=torch.long), tuple(ans_ids), ans,

@@ -85,8 +85,7 @@ def _methods(ctx, param, value):
               help="Directory for eval.json and the PNG plots.")
 @one_line_errors
 def eval_cmd(model, artifact, data, start, seed, lengths, tasks, methods, samples, passkey_depths, profile_store,
-             backend,
-             last_query, recall_stride, device, dtype, out):
+             backend, last_query, recall_stride, device, dtype, out):
     """Evaluate MODEL with DAM's ARTIFACT and baselines against dense attention."""
     from dam.compiler import load_artifact
     from dam.profiler import load_model

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from .layout import BlockLayout, LayoutError
+from .reference import softcapped_attention
 
 _CHUNK_BYTES = 6 << 20  # gathered K+V bytes per chunk (measured: 6 MB beats 1-2 MB and 16-24 MB)
 
@@ -53,24 +54,13 @@ def _flash():
 
 def _fused(q, k, v, *, scale: float, softcap: float | None = None, attn_mask=None, is_causal: bool = False):
     """``(out [R, H, M, D] in q's dtype, lse float32 [R, H, M])`` of one batch of gathered tiles:
-    the fused CPU flash kernel, or, with attention-logit soft-capping (``softcap * tanh(s /
-    softcap)`` of the scaled scores, Gemma 2), the same computed from explicit scores (float32;
-    float64 for float64 inputs): the fused kernel has no score hook; the tiles are the kept
-    blocks, so the work stays sparse.
+    the fused CPU flash kernel, or, with attention-logit soft-capping (Gemma 2), the same from
+    explicit scores (:func:`dam.kernels.reference.softcapped_attention`): the fused kernel has no
+    score hook; the tiles are the kept blocks, so the work stays sparse.
     ``attn_mask``: additive, broadcast to ``[R, H, M, L]``; ``is_causal``: top-left aligned."""
     if softcap is None:
         return _flash()(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
-    cdt = torch.promote_types(q.dtype, torch.float32)  # float64 inputs stay float64
-    s = torch.matmul(q.to(cdt), k.to(cdt).transpose(-1, -2)) * scale
-    s = torch.tanh(s / softcap) * softcap
-    if attn_mask is not None:
-        s = s + attn_mask.to(cdt)
-    if is_causal:
-        m, n = s.shape[-2], s.shape[-1]
-        s = s.masked_fill(torch.ones(m, n, dtype=torch.bool).triu_(1), float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - lse.unsqueeze(-1).clamp(min=torch.finfo(cdt).min))  # -inf rows: 0
-    return torch.matmul(p, v.to(cdt)).to(q.dtype), lse
+    return softcapped_attention(q, k, v, scale=scale, softcap=softcap, attn_mask=attn_mask, is_causal=is_causal)
 
 
 def _pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 
 from .layout import BlockLayout, LayoutError
 
-__all__ = ["attention_reference", "decode_reference", "dense_mask"]
+__all__ = ["attention_reference", "decode_reference", "dense_mask", "softcap_scores", "softcapped_attention"]
 
 
 def dense_mask(layout: BlockLayout, q_len: int, kv_len: int, *, causal: bool = True) -> torch.Tensor:
@@ -30,6 +30,46 @@ def dense_mask(layout: BlockLayout, q_len: int, kv_len: int, *, causal: bool = T
     bm = layout.block_mask(nkb)
     dense = bm.repeat_interleave(layout.block_m, dim=2)[:, :, :q_len]
     return dense.repeat_interleave(layout.block_n, dim=3)[..., :kv_len]
+
+
+def softcap_scores(s: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Scaled scores soft-capped as Gemma 2 does (``softcap * tanh(s / softcap)``), or ``s`` as given."""
+    return s if softcap is None else torch.tanh(s / softcap) * softcap
+
+
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, softcap: float | None,
+                         attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                         max_scores: int = 1 << 25) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention from explicit (soft-capped) scores, for the paths whose fused kernel has no score hook:
+    q ``[B, Hq, Nq, D]``, k/v ``[B, Hkv, Nk, D]`` (GQA by index, never repeated); ``attn_mask`` bool
+    (True = keep) or additive, broadcastable to ``[B, Hq, Nq, Nk]``; ``is_causal`` top-left aligned
+    (as SDPA's). Float32 scores (float64 for float64 inputs), in chunks of query rows of at most
+    ``max_scores`` scores. -> ``(out [B, Hq, Nq, Dv] in q's dtype, lse [B, Hq, Nq] in the compute
+    dtype)``; a row with no visible key gives 0 and ``lse = -inf``."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    cdt = torch.promote_types(q.dtype, torch.float32)
+    kf, vf = k.to(cdt)[:, :, None], v.to(cdt)[:, :, None]  # [B, Hkv, 1, Nk, D]
+    out = q.new_empty(B, Hq, Nq, v.shape[-1])
+    lse = torch.empty(B, Hq, Nq, dtype=cdt, device=q.device)
+    rows = max(1, max_scores // max(1, B * Hq * Nk))
+    for r0 in range(0, Nq, rows):
+        r1 = min(Nq, r0 + rows)
+        qc = q[:, :, r0:r1].to(cdt).reshape(B, Hkv, g, r1 - r0, D)
+        s = softcap_scores(torch.matmul(qc, kf.transpose(-1, -2)) * scale, softcap)  # [B, Hkv, g, r, Nk]
+        if is_causal:
+            i = torch.arange(r0, r1, device=q.device)[:, None]
+            s = s.masked_fill(torch.arange(Nk, device=q.device)[None, :] > i, float("-inf"))
+        if attn_mask is not None:
+            m = attn_mask[..., r0:r1, :] if attn_mask.shape[-2] == Nq else attn_mask
+            m = m.expand(B, Hq, r1 - r0, Nk).reshape(B, Hkv, g, r1 - r0, Nk)
+            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.to(cdt)
+        lz = torch.logsumexp(s, -1)
+        p = torch.exp(s - lz.unsqueeze(-1).clamp(min=torch.finfo(cdt).min))  # -inf rows: 0
+        out[:, :, r0:r1] = torch.matmul(p, vf).reshape(B, Hq, r1 - r0, -1).to(q.dtype)
+        lse[:, :, r0:r1] = lz.reshape(B, Hq, r1 - r0)
+    return out, lse
 
 
 def _masked_softmax_attention(
@@ -45,9 +85,7 @@ def _masked_softmax_attention(
     q64, k64, v64 = q.double(), k.double(), v.double()
     k64 = k64.repeat_interleave(g, dim=1)  # fine for a reference; kernels never repeat K/V
     v64 = v64.repeat_interleave(g, dim=1)
-    s = torch.einsum("bhqd,bhkd->bhqk", q64, k64) * scale
-    if softcap is not None:
-        s = torch.tanh(s / softcap) * softcap
+    s = softcap_scores(torch.einsum("bhqd,bhkd->bhqk", q64, k64) * scale, softcap)
     s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # -inf on empty rows
     p = torch.exp(s - lse.unsqueeze(-1).clamp_min(torch.finfo(torch.float64).min))

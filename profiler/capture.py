@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dam.kernels.reference import softcap_scores
+
 from .errors import ProfileError
 
 #: the name the capture attention is registered under in transformers' AttentionInterface
@@ -210,7 +212,7 @@ class _Recorder:
         for i0 in range(0, N, C):
             i1 = min(N, i0 + C)
             c, K = i1 - i0, i1  # keys beyond i1 are causally masked for every row of the chunk
-            s = _cap(torch.matmul(qg[..., i0:i1, :], kg[..., :K, :].transpose(-1, -2)), softcap)  # [B,Hkv,G,c,K]
+            s = softcap_scores(torch.matmul(qg[..., i0:i1, :], kg[..., :K, :].transpose(-1, -2)), softcap)  # [B,Hkv,G,c,K]
             s[..., i0:].masked_fill_(upper[:c, :c], float("-inf"))
             p = torch.softmax(s, dim=-1)
             del s
@@ -279,11 +281,6 @@ def _mass_sums(p: torch.Tensor, i0: int, bs: int, col: torch.Tensor, diag: torch
         diag[..., i0 + 1 : i0 + c] += w.sum(-1)[..., 1:].double()
 
 
-def _cap(s: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    """Scaled scores soft-capped as the model does (``softcap * tanh(s / softcap)``), or as given."""
-    return s if softcap is None else torch.tanh(s / softcap) * softcap
-
-
 def _band_attention(q, k, v, scaling, window, rows, softcap=None):
     """Exact causal sliding-window attention ``[B, H, N, Dv]``, chunks of ``rows`` queries each
     against the keys their window reaches (GQA: key/value heads un-repeated)."""
@@ -294,7 +291,7 @@ def _band_attention(q, k, v, scaling, window, rows, softcap=None):
     for i0 in range(0, N, rows):
         i1 = min(N, i0 + rows)
         lo = max(0, i0 - window + 1)
-        s = _cap(torch.matmul(qg[..., i0:i1, :], k[:, :, None, lo:i1].transpose(-1, -2)), softcap)
+        s = softcap_scores(torch.matmul(qg[..., i0:i1, :], k[:, :, None, lo:i1].transpose(-1, -2)), softcap)
         i = torch.arange(i0, i1, device=q.device)[:, None]
         j = torch.arange(lo, i1, device=q.device)[None, :]
         s.masked_fill_((j > i) | (i - j >= window), float("-inf"))

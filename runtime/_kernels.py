@@ -129,34 +129,14 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, attn_mask: torch.Tensor | None = None,
-         is_causal: bool = False, softcap: float | None = None, max_scores: int = 1 << 25) -> torch.Tensor:
+         is_causal: bool = False, softcap: float | None = None) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` (GQA by index), or, with attention-logit soft-capping
-    (scaled scores ``s`` -> ``softcap * tanh(s / softcap)``, which SDPA has no hook for), the same
-    from explicit scores: float32 (float64 inputs: float64), in chunks of query rows of at most
-    ``max_scores`` scores. ``attn_mask``: bool (True = keep) or additive, broadcastable to
+    (which SDPA has no hook for), :func:`dam.kernels.reference.softcapped_attention` (explicit
+    scores, chunked). ``attn_mask``: bool (True = keep) or additive, broadcastable to
     ``[B, Hq, Nq, Nk]``; ``is_causal``: top-left aligned, as SDPA's."""
-    gqa = q.shape[1] != k.shape[1]
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                                              enable_gqa=gqa)
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    g = Hq // Hkv
-    cdt = torch.promote_types(q.dtype, torch.float32)
-    kf, vf = k.to(cdt)[:, :, None], v.to(cdt)[:, :, None]  # [B, Hkv, 1, Nk, D]
-    out = q.new_empty(B, Hq, Nq, v.shape[-1])
-    rows = max(1, max_scores // max(1, B * Hq * Nk))
-    for r0 in range(0, Nq, rows):
-        r1 = min(Nq, r0 + rows)
-        qc = q[:, :, r0:r1].to(cdt).reshape(B, Hkv, g, r1 - r0, D)
-        s = torch.tanh(torch.matmul(qc, kf.transpose(-1, -2)) * (scale / softcap)) * softcap
-        if is_causal:
-            i = torch.arange(r0, r1, device=q.device)[:, None]
-            s = s.masked_fill(torch.arange(Nk, device=q.device)[None, :] > i, float("-inf"))
-        if attn_mask is not None:
-            m = attn_mask[..., r0:r1, :] if attn_mask.shape[-2] == Nq else attn_mask
-            m = m.expand(B, Hq, r1 - r0, Nk).reshape(B, Hkv, g, r1 - r0, Nk)
-            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.to(cdt)
-        p = torch.softmax(s, -1).nan_to_num_(0.0)  # a row with no key: 0
-        out[:, :, r0:r1] = torch.matmul(p, vf).reshape(B, Hq, r1 - r0, -1).to(q.dtype)
-    return out
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    from dam.kernels.reference import softcapped_attention
+
+    return softcapped_attention(q, k, v, scale=scale, softcap=softcap, attn_mask=attn_mask, is_causal=is_causal)[0]

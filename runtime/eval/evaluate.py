@@ -259,9 +259,13 @@ def compare_logits(dense_logits: torch.Tensor, logits: torch.Tensor, ids: torch.
     """``(top1, kl, nll, dense_nll)`` over the positions of ``[N, V]`` logits: top-1 agreement,
     mean KL(dense || other) (nats), mean next-token NLL of ``other`` and of dense on ``ids [N]``.
     Computed in chunks of positions, float32 log-softmax."""
-    pp = _per_position(dense_logits, logits, ids, chunk)
-    return (float(pp["agree"].double().mean()), float(pp["kl"].mean()), float(pp["nll"].mean()),
-            float(pp["dense_nll"].mean()))
+    return _means(_per_position(dense_logits, logits, ids, chunk))
+
+
+def _means(pp: dict[str, torch.Tensor], start: int = 0) -> tuple[float, float, float, float]:
+    """``(top1, kl, nll, dense_nll)`` means of :func:`_per_position`'s figures from position ``start`` on."""
+    return (float(pp["agree"][start:].double().mean()), float(pp["kl"][start:].mean()),
+            float(pp["nll"][start:].mean()), float(pp["dense_nll"][start:].mean()))
 
 
 def compare_tail(dense_logits: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, float]:
@@ -361,9 +365,8 @@ def _score(r: MethodResult, sample: EvalSample, ids: torch.Tensor, dense_logits:
             r.nll = float(_per_position(dense_logits, None, ids)["dense_nll"].mean())
             return r
         pp = _per_position(dense_logits, logits, ids)  # one pass: whole sequence and last quarter
-        q4 = (3 * ids.numel()) // 4
-        r.top1, r.kl, r.nll = float(pp["agree"].double().mean()), float(pp["kl"].mean()), float(pp["nll"].mean())
-        r.top1_q4, r.kl_q4 = float(pp["agree"][q4:].double().mean()), float(pp["kl"][q4:].mean())
+        r.top1, r.kl, r.nll, _ = _means(pp)
+        r.top1_q4, r.kl_q4, _, _ = _means(pp, (3 * ids.numel()) // 4)
     else:
         r.correct = answer_correct(logits, sample.length, sample.answer_ids)
     return r

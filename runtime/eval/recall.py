@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from dam.kernels import BlockLayout
+from dam.kernels.reference import softcap_scores
 
 from ..errors import DamRuntimeError
 from ..integration import DamHandle
@@ -150,8 +151,7 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
         rows = q[:, :, idx[0]:idx[-1] + 1] if query_stride == 1 else q.index_select(2, idx.to(q.device))
         qc = rows.to(cdt).reshape(Bt, Hkv, G, r, D)
         s = torch.matmul(qc * scale, kf[:, :, None, :kcut].transpose(-1, -2))  # [Bt,Hkv,G,r,kcut]
-        if softcap is not None:
-            s = torch.tanh(s / softcap) * softcap
+        s = softcap_scores(s, softcap)
         lo = int(pos[0])  # keys before the chunk's first query are visible to every row
         fut = torch.arange(lo, kcut, device=q.device)[None, :] > pos[:, None]
         s[..., lo:].masked_fill_(fut, float("-inf"))
