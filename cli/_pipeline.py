@@ -17,19 +17,21 @@ RETRIEVAL_SEED_BASE = 7_000_000
 
 def build_samples(tokenizer, data: str, lengths: Sequence[int], tasks: Sequence[str], samples: int,
                   *, seed: int = 0, start: int = 64, passkey_depths: Sequence[float] | None = None):
-    """EvalSamples: ``samples`` text windows of ``data`` (stream items ``start ..``) per length when
-    fidelity or recall is asked, and ``samples`` passkey / kv-retrieval prompts per length when asked (with
+    """EvalSamples: ``samples`` text windows of each source of ``data`` (items ``start ..`` of that
+    source's stream; the source is the window's ``domain``) per length when fidelity or recall is asked, and ``samples`` passkey / kv-retrieval prompts per length when asked (with
     ``passkey_depths``: ``samples`` pass-key prompts at each of those depths)."""
     import torch
 
     from dam.profiler import calibration_samples, make_kv_retrieval_ids, make_passkey_ids
+    from dam.profiler.data import parse_data_spec
     from dam.runtime.eval.evaluate import EvalSample
 
     out = []
     for n in lengths:
         if "fidelity" in tasks or "recall" in tasks:  # retrieval-only runs need no text windows
-            text = calibration_samples(data, tokenizer, n, samples, seed=seed, start=start)
-            out += [EvalSample("text", row.clone()) for row in text]
+            for source in parse_data_spec(data):
+                text = calibration_samples(source, tokenizer, n, samples, seed=seed, start=start)
+                out += [EvalSample("text", row.clone(), domain=source) for row in text]
         # the answer as it continues the prompt: ' 12345' after "The pass key is", ' "<uuid>' after
         # "...the specified key is:" (values are quoted in the prompt's JSON)
         for task, make, lead in (("passkey", make_passkey_ids, " "), ("kv-retrieval", make_kv_retrieval_ids, ' "')):

@@ -34,19 +34,38 @@ def _depths(value):
 
 
 def _methods(ctx, param, value):
-    """Method names as the registry parses them (``dam-paper`` is the artifact compiled from --profile)."""
-    from dam.runtime.errors import DamRuntimeError
-    from dam.runtime.eval.methods import parse
-
+    """Comma-separated method names (parsed once the --compare names are known)."""
     items = tuple(v.strip() for v in str(value).split(",") if v.strip())
     if not items:
         raise click.BadParameter("give at least one method")
-    try:
-        for v in items:
-            parse(v, {"dam-paper": None})
-    except DamRuntimeError as e:
-        raise click.BadParameter(str(e)) from None
     return items
+
+
+def _compare(ctx, param, value):
+    """``NAME=PATH`` pairs -> ``{NAME: PATH}``; a NAME may not shadow a built-in method."""
+    from dam.runtime.eval.methods import REGISTRY
+
+    named = {}
+    for item in value:
+        name, eq, path = item.partition("=")
+        name, path = name.strip(), path.strip()
+        if not eq or not name or not path or ":" in name or "," in name:
+            raise click.BadParameter(f"{item!r}: give NAME=PATH, e.g. r95=/tmp/r95.dam.safetensors")
+        if name in REGISTRY or name in ("dam", "dam-paper") or name in named:
+            raise click.BadParameter(f"{item!r}: the name {name!r} is taken; choose another")
+        named[name] = click.Path(exists=True, dir_okay=False).convert(path, param, ctx)
+    return named
+
+
+def _check_methods(methods, artifacts):
+    from dam.runtime.errors import DamRuntimeError
+    from dam.runtime.eval.methods import parse
+
+    try:
+        for v in methods:
+            parse(v, artifacts)
+    except DamRuntimeError as e:
+        raise click.BadParameter(str(e), param_hint="'--methods'") from None
 
 
 @click.command("eval")
@@ -54,9 +73,10 @@ def _methods(ctx, param, value):
 @click.option("--artifact", required=True, type=click.Path(exists=True, dir_okay=False),
               help="DAM's compiled artifact (.safetensors).")
 @click.option("--data", default="builtin:stdlib", show_default=True,
-              help="Text source of the fidelity/recall inputs (a --data spec as in dam profile).")
+              help="Text sources of the fidelity/recall inputs (a --data spec as in dam profile); with "
+                   "several, fidelity is also reported per source.")
 @click.option("--start", default=64, show_default=True, type=click.IntRange(min=0),
-              help="First item of the data stream used (skip what a profile of up to this many "
+              help="First item of each source's stream used (skip what a profile of up to this many "
                    "windows per source saw).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the data stream.")
 @click.option("--lengths", default="2k", show_default=True, help="Comma-separated lengths, e.g. 2k,4k,8k.")
@@ -65,10 +85,13 @@ def _methods(ctx, param, value):
               help="Comma-separated: dam, streaming, oracle, minference, element, dam-paper (needs --profile); "
                    "parameters after colons, e.g. dam:last_query=0.1, minference:last_q=128.")
 @click.option("--samples", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Text samples (and prompts per retrieval task) per length.")
+              help="Text samples per --data source (and prompts per retrieval task) per length.")
 @click.option("--passkey-depths", default=None, callback=lambda ctx, p, v: _depths(v),
               help="Pass-key depths, e.g. 0.1,0.5,0.9: --samples prompts at each (default: one random depth "
                    "per prompt).")
+@click.option("--compare", multiple=True, metavar="NAME=PATH", callback=_compare,
+              help="Another artifact to evaluate beside --artifact, as method NAME (repeatable; each is "
+                   "run as compiled, after the methods given).")
 @click.option("--profile", "profile_store", default=None, type=click.Path(exists=True),
               help="Profile store to compile the dam-paper baseline from.")
 @click.option("--backend", type=click.Choice(["auto", "triton", "cpu"]), default="auto", show_default=True)
@@ -84,8 +107,8 @@ def _methods(ctx, param, value):
 @click.option("--out", default="out/eval", show_default=True, type=click.Path(file_okay=False),
               help="Directory for eval.json and the PNG plots.")
 @one_line_errors
-def eval_cmd(model, artifact, data, start, seed, lengths, tasks, methods, samples, passkey_depths, profile_store,
-             backend, last_query, recall_stride, device, dtype, out):
+def eval_cmd(model, artifact, data, start, seed, lengths, tasks, methods, samples, passkey_depths, compare,
+             profile_store, backend, last_query, recall_stride, device, dtype, out):
     """Evaluate MODEL with DAM's ARTIFACT and baselines against dense attention."""
     from dam.compiler import load_artifact
     from dam.profiler import load_model
@@ -95,10 +118,11 @@ def eval_cmd(model, artifact, data, start, seed, lengths, tasks, methods, sample
     from ._pipeline import build_samples, paper_artifact, tqdm_progress, write_report
 
     lens = parse_lengths(lengths)
+    _check_methods(methods, {"dam-paper": None, **compare})
     art = load_artifact(artifact)
-    arts = {"dam": art}
+    arts = {"dam": art, **{name: load_artifact(path) for name, path in compare.items()}}
     skipped = {}
-    methods = tuple(methods)
+    methods = tuple(methods) + tuple(n for n in compare if not any(m.split(":")[0] == n for m in methods))
     if "dam-paper" in methods:
         if profile_store is None:
             skipped["dam-paper"] = "needs --profile STORE (the profile to compile it from)"
@@ -121,7 +145,8 @@ def eval_cmd(model, artifact, data, start, seed, lengths, tasks, methods, sample
         close()
     report.skipped.update(skipped)
     meta = {"model": model, "artifact": artifact, "data": data, "start": start, "seed": seed,
-            "lengths": lens, "samples": samples, "profile": profile_store, "backend": backend, "device": device,
+            "lengths": lens, "samples": samples, "profile": profile_store,
+            "compare": compare or None, "backend": backend, "device": device,
             "dtype": dtype, "recall_stride": recall_stride, "passkey_depths": passkey_depths}
     paths = write_report(report, out, meta)
     click.echo(report.format_table())
@@ -129,4 +154,7 @@ def eval_cmd(model, artifact, data, start, seed, lengths, tasks, methods, sample
         if "passkey_by_depth" in row:
             click.echo(f"passkey by depth, {row['length']} tokens, {row['method']}: "
                        + ", ".join(f"{d}: {a:.2f}" for d, a in row["passkey_by_depth"].items()))
+        if "by_domain" in row:
+            click.echo(f"fidelity by domain, {row['length']} tokens, {row['method']}: " + "; ".join(
+                f"{d} top-1 {f['top1']:.4f} KL {f['kl']:.5f} ΔPPL {f['dppl']:+.2%}" for d, f in row["by_domain"].items()))
     click.echo("wrote " + ", ".join(paths))

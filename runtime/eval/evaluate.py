@@ -99,6 +99,7 @@ class EvalSample:
     answer_ids: tuple[int, ...] = ()
     answer: str = ""
     depth: float | None = None  # where a pass key sits (fraction of the prompt's filler), when set
+    domain: str | None = None  # the data source a text window came from (fidelity is also reported per domain)
 
     def __post_init__(self) -> None:
         if self.kind not in ("text", "passkey", "kv-retrieval"):
@@ -132,6 +133,7 @@ class MethodResult:
     nll: float | None = None
     correct: bool | None = None
     depth: float | None = None
+    domain: str | None = None
     layer_density: list[float] = field(default_factory=list)
     layer_recall: list[float] = field(default_factory=list)
     head_density: list[list[float]] = field(default_factory=list)
@@ -148,12 +150,14 @@ class EvalReport:
     skipped: dict[str, str] = field(default_factory=dict)
 
     def rows(self) -> list[dict]:
-        """One dict per (length, method), means over samples; ``dense`` first per length."""
+        """One dict per (length, method), means over samples; ``dense`` first per length. Where the
+        text windows come from more than one domain, ``by_domain`` holds the fidelity per domain."""
         out = []
         lengths = sorted({r.length for r in self.results})
         for n in lengths:
             dense_text = [r for r in self.results if r.length == n and r.method == "dense" and r.kind == "text"]
             ppl_dense = math.exp(_mean([r.nll for r in dense_text])) if dense_text else None
+            domains = sorted({r.domain for r in dense_text if r.domain is not None})
             for m in ("dense", *self.methods):
                 rs = [r for r in self.results if r.length == n and r.method == m]
                 if not rs:
@@ -165,11 +169,13 @@ class EvalReport:
                              "static_recall": _mean([r.static_recall for r in rs]),
                              "min_head_recall": min(r.min_recall for r in rs)}
                 if text and "fidelity" in self.tasks:
-                    ppl = math.exp(_mean([r.nll for r in text]))
-                    row.update(top1=_mean([r.top1 for r in text]), kl=_mean([r.kl for r in text]), ppl=ppl,
-                               top1_q4=_mean([r.top1_q4 for r in text]), kl_q4=_mean([r.kl_q4 for r in text]),
-                               ppl_dense=ppl_dense,
-                               dppl=(ppl / ppl_dense - 1.0) if ppl_dense else None)
+                    row.update(_fidelity(text, ppl_dense))
+                    if len(domains) > 1:
+                        row["by_domain"] = {
+                            d: {"samples": sum(r.domain == d for r in text),
+                                **_fidelity([r for r in text if r.domain == d],
+                                            math.exp(_mean([r.nll for r in dense_text if r.domain == d])))}
+                            for d in domains if any(r.domain == d for r in text)}
                 for task in ("passkey", "kv-retrieval"):
                     tr = [r for r in rs if r.kind == task]
                     if tr and task in self.tasks:
@@ -215,6 +221,14 @@ class EvalReport:
         for m, why in self.skipped.items():
             lines.append(f"skipped {m}: {why}")
         return "\n".join(lines)
+
+
+def _fidelity(text: Sequence[MethodResult], ppl_dense: float | None) -> dict:
+    """Means of the fidelity figures over text runs, with ΔPPL against ``ppl_dense``."""
+    ppl = math.exp(_mean([r.nll for r in text]))
+    return {"top1": _mean([r.top1 for r in text]), "kl": _mean([r.kl for r in text]), "ppl": ppl,
+            "top1_q4": _mean([r.top1_q4 for r in text]), "kl_q4": _mean([r.kl_q4 for r in text]),
+            "ppl_dense": ppl_dense, "dppl": (ppl / ppl_dense - 1.0) if ppl_dense else None}
 
 
 def _w(fmt: str) -> int:
@@ -317,8 +331,8 @@ def evaluate(
         full = torch.cat([ids, torch.tensor(sample.answer_ids, dtype=ids.dtype, device=dev)]) \
             if sample.kind != "text" else ids
         dense_logits = _dense_forward(model, full)
-        results.append(_score(MethodResult("dense", sample.kind, sample.length, depth=sample.depth), sample, ids,
-                              dense_logits, dense_logits))
+        results.append(_score(MethodResult("dense", sample.kind, sample.length, depth=sample.depth,
+                                           domain=sample.domain), sample, ids, dense_logits, dense_logits))
         done += 1
         if progress:
             progress(done, total)
@@ -326,7 +340,7 @@ def evaluate(
                                   last_query=config.last_query, cache=cache)
         for spec in specs:  # "dam" first: the baselines are matched to it
             r = run_method(model, spec, ctx, full, config)
-            r.kind, r.length, r.depth = sample.kind, sample.length, sample.depth
+            r.kind, r.length, r.depth, r.domain = sample.kind, sample.length, sample.depth, sample.domain
             if spec.name == "dam":
                 ctx = dataclasses.replace(ctx, density=r.density, recall=min(r.recall, 1.0))
             results.append(_score(r, sample, ids, dense_logits, r.logits))

@@ -90,6 +90,39 @@ def test_eval_options_and_errors(tiny_dir, tmp_path):
         assert bad_pk.exit_code != 0 and "--passkey-depths" in bad_pk.output
 
 
+def test_eval_compares_artifacts_side_by_side_and_reports_domains(tiny_dir, tmp_path):
+    art = str(tiny_dir / "art.safetensors")
+    base = ["eval", str(tiny_dir / "model"), "--artifact", art, "--data", str(tiny_dir / "text.txt"),
+            "--lengths", "160", "--backend", "cpu", "--tasks", "fidelity"]
+    r = CliRunner().invoke(main, [*base, "--methods", "dam", "--compare", f"twin={art}", "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "a" / "eval.json").read_text())
+    rows = {row["method"]: row for row in data["rows"]}
+    assert set(rows) == {"dense", "dam", "twin"}  # the compared artifact is added as a method
+    for key in ("density", "top1", "kl", "ppl"):  # the same artifact, run the same way
+        assert rows["twin"][key] == rows["dam"][key]
+    assert data["meta"]["compare"] == {"twin": art}
+    lq = CliRunner().invoke(main, [*base, "--methods", "dam,twin:last_query=0.3", "--compare", f"twin={art}",
+                                   "--out", str(tmp_path / "b")])
+    assert lq.exit_code == 0, lq.output
+    rows_lq = {row["method"]: row for row in json.loads((tmp_path / "b" / "eval.json").read_text())["rows"]}
+    assert set(rows_lq) == {"dense", "dam", "twin:last_query=0.3"}  # named with parameters, not added twice
+    assert rows_lq["twin:last_query=0.3"]["density"] > rows_lq["dam"]["density"]
+    two = tmp_path / "other.txt"
+    two.write_text(" ".join(f"another sentence {i} of plain prose." for i in range(2000)))
+    dom = CliRunner().invoke(main, [*base, "--methods", "dam", "--data", f"{tiny_dir / 'text.txt'},{two}",
+                                    "--out", str(tmp_path / "d")])
+    assert dom.exit_code == 0, dom.output
+    row = next(r for r in json.loads((tmp_path / "d" / "eval.json").read_text())["rows"] if r["method"] == "dam")
+    assert row["samples"] == 2 and set(row["by_domain"]) == {str(tiny_dir / "text.txt"), str(two)}
+    assert "fidelity by domain, 160 tokens, dam:" in dom.output
+    for bad, why in ((["--compare", "streaming=" + art], "is taken"), (["--compare", "x"], "NAME=PATH"),
+                     (["--compare", "x=/no/such.safetensors"], "does not exist"),
+                     (["--methods", "dam,nosuch"], "unknown method")):
+        out = CliRunner().invoke(main, [*base, *bad, "--out", str(tmp_path / "c")])
+        assert out.exit_code != 0 and why in out.output, out.output
+
+
 @pytest.mark.slow
 def test_bench_command(tiny_dir, tmp_path):
     out = tmp_path / "b.json"

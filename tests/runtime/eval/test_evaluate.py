@@ -280,3 +280,25 @@ def test_passkey_accuracy_per_depth():
         runs = [r for r in rep.results if r.method == row["method"]]
         assert by["0.9"] == float(bool(runs[2].correct))
         assert row["passkey_acc"] == pytest.approx(sum(float(bool(r.correct)) for r in runs) / 3)
+
+
+def test_fidelity_per_domain():
+    """Text windows tagged with their source are reported per domain: each domain's means and its
+    ΔPPL against dense on that domain's windows alone, beside the means over all windows."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    dam = make_artifact(model.config, MIXED_PROGRAMS, block_size=16)
+    samples = [EvalSample("text", torch.randint(0, 128, (96,)), domain=d) for d in ("code", "prose", "prose")]
+    rep = evaluate(model, {"dam": dam}, samples, EvalConfig(methods=("dam",), tasks=("fidelity",), backend="cpu"))
+    row = next(r for r in rep.rows() if r["method"] == "dam")
+    runs = {m: [r for r in rep.results if r.method == m] for m in ("dense", "dam")}
+    assert set(row["by_domain"]) == {"code", "prose"} and row["by_domain"]["prose"]["samples"] == 2
+    prose = row["by_domain"]["prose"]
+    assert prose["top1"] == pytest.approx((runs["dam"][1].top1 + runs["dam"][2].top1) / 2)
+    assert prose["kl"] == pytest.approx((runs["dam"][1].kl + runs["dam"][2].kl) / 2)
+    want = math.exp((runs["dam"][1].nll + runs["dam"][2].nll) / 2) / math.exp((runs["dense"][1].nll + runs["dense"][2].nll) / 2)
+    assert prose["dppl"] == pytest.approx(want - 1)
+    assert row["by_domain"]["code"]["kl"] == pytest.approx(runs["dam"][0].kl)
+    assert row["kl"] == pytest.approx(sum(r.kl for r in runs["dam"]) / 3)
+    one = evaluate(model, {"dam": dam}, samples[:1], EvalConfig(methods=("dam",), tasks=("fidelity",), backend="cpu"))
+    assert all("by_domain" not in r for r in one.rows())  # one domain: nothing to split
