@@ -51,7 +51,7 @@ def _compare(ctx, param, value):
         name, path = name.strip(), path.strip()
         if not eq or not name or not path or ":" in name or "," in name:
             raise click.BadParameter(f"{item!r}: give NAME=PATH, e.g. r95=/tmp/r95.dam.safetensors")
-        if name in REGISTRY or name in ("dam", "dam-paper") or name in named:
+        if name in REGISTRY or name in ("dam", "dam-paper", "dense", "floor") or name in named:
             raise click.BadParameter(f"{item!r}: the name {name!r} is taken; choose another")
         named[name] = click.Path(exists=True, dir_okay=False).convert(path, param, ctx)
     return named
@@ -104,11 +104,14 @@ def _check_methods(methods, artifacts):
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
               show_default=True, help="Model dtype (dense and DAM alike); auto: bf16 on a GPU or a CPU with "
                                       "native bf16 (AMX/AVX512-BF16), else float32.")
+@click.option("--floor", is_flag=True,
+              help="Also run each text window densely in float32: row 'floor' is the dtype's own noise "
+                   "floor (dense in --dtype against dense float32), the best top-1 any method can show.")
 @click.option("--out", default="out/eval", show_default=True, type=click.Path(file_okay=False),
               help="Directory for eval.json and the PNG plots.")
 @one_line_errors
 def eval_cmd(model, artifact, data, start, seed, lengths, tasks, methods, samples, passkey_depths, compare,
-             profile_store, backend, last_query, recall_stride, device, dtype, out):
+             profile_store, backend, last_query, recall_stride, device, dtype, floor, out):
     """Evaluate MODEL with DAM's ARTIFACT and baselines against dense attention."""
     from dam.compiler import load_artifact
     from dam.profiler import load_model
@@ -138,9 +141,14 @@ def eval_cmd(model, artifact, data, start, seed, lengths, tasks, methods, sample
         click.echo(f"dtype {dtype} (auto for {device}; --dtype float32 to change)")
     mdl, tok = load_model(model, device=device, dtype=dtype)
     inputs = build_samples(tok, data, lens, tasks, samples, seed=seed, start=start, passkey_depths=passkey_depths)
+    ref = None
+    if floor and dtype == "float32":
+        click.echo("--floor: the model already runs in float32; no floor to measure")
+    elif floor:
+        ref, _ = load_model(model, device=device, dtype="float32")
     progress, close = tqdm_progress("eval")
     try:
-        report = evaluate(mdl, arts, inputs, cfg, progress=progress)
+        report = evaluate(mdl, arts, inputs, cfg, progress=progress, floor_model=ref)
     finally:
         close()
     report.skipped.update(skipped)

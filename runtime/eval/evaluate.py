@@ -158,7 +158,7 @@ class EvalReport:
             dense_text = [r for r in self.results if r.length == n and r.method == "dense" and r.kind == "text"]
             ppl_dense = math.exp(_mean([r.nll for r in dense_text])) if dense_text else None
             domains = sorted({r.domain for r in dense_text if r.domain is not None})
-            for m in ("dense", *self.methods):
+            for m in ("dense", "floor", *self.methods):
                 rs = [r for r in self.results if r.length == n and r.method == m]
                 if not rs:
                     continue
@@ -306,8 +306,13 @@ def evaluate(
     samples: Sequence[EvalSample],
     config: EvalConfig,
     progress: Callable[[int, int], None] | None = None,
+    floor_model: torch.nn.Module | None = None,
 ) -> EvalReport:
     """Run every sample densely and with every method (see the module docstring).
+
+    With ``floor_model`` (the same model in float32), each text window also runs densely in it:
+    row ``floor`` is the dtype's own noise floor, ``model``'s dense logits against float32 dense
+    (top-1, KL(float32 ‖ dense)), its ΔPPL the float32 perplexity against ``model``'s.
 
     Args:
         model: a transformers causal LM (eval mode), batch 1 inputs on its device.
@@ -321,7 +326,8 @@ def evaluate(
     specs = [registry.parse(m, artifacts) for m in order_methods(config.methods)]
     dev = next(model.parameters()).device
     results: list[MethodResult] = []
-    total = len(samples) * (1 + len(specs))
+    n_floor = sum(s.kind == "text" for s in samples) if floor_model is not None else 0
+    total = len(samples) * (1 + len(specs)) + n_floor
     done = 0
     cache: dict = {}
     if progress:
@@ -336,6 +342,11 @@ def evaluate(
         done += 1
         if progress:
             progress(done, total)
+        if floor_model is not None and sample.kind == "text":
+            results.append(_floor(floor_model, sample, ids, dense_logits))
+            done += 1
+            if progress:
+                progress(done, total)
         ctx = registry.RunContext(artifacts, full.numel(), max_elements=config.max_elements,
                                   last_query=config.last_query, cache=cache)
         for spec in specs:  # "dam" first: the baselines are matched to it
@@ -351,6 +362,15 @@ def evaluate(
             if progress:
                 progress(done, total)
     return EvalReport(results, tuple(order_methods(config.methods)), config.tasks)
+
+
+def _floor(floor_model: torch.nn.Module, sample: EvalSample, ids: torch.Tensor, dense_logits) -> MethodResult:
+    """Row ``floor``: float32 dense as the reference, ``dense_logits`` compared with it."""
+    pp = _per_position(_dense_forward(floor_model, ids), dense_logits, ids)
+    r = MethodResult("floor", "text", sample.length, domain=sample.domain)
+    r.top1, r.kl, _, r.nll = _means(pp)  # the float32 NLL: ΔPPL is float32's against the dtype's
+    r.top1_q4, r.kl_q4, _, _ = _means(pp, (3 * ids.numel()) // 4)
+    return r
 
 
 def run_method(model: torch.nn.Module, spec: registry.MethodSpec, ctx: registry.RunContext, input_ids: torch.Tensor,

@@ -116,7 +116,15 @@ def test_eval_compares_artifacts_side_by_side_and_reports_domains(tiny_dir, tmp_
     row = next(r for r in json.loads((tmp_path / "d" / "eval.json").read_text())["rows"] if r["method"] == "dam")
     assert row["samples"] == 2 and set(row["by_domain"]) == {str(tiny_dir / "text.txt"), str(two)}
     assert "fidelity by domain, 160 tokens, dam:" in dom.output
-    for bad, why in ((["--compare", "streaming=" + art], "is taken"), (["--compare", "x"], "NAME=PATH"),
+    fl = CliRunner().invoke(main, [*base, "--methods", "dam", "--dtype", "bfloat16", "--floor",
+                                   "--out", str(tmp_path / "e")])
+    assert fl.exit_code == 0, fl.output
+    rows_fl = {r["method"]: r for r in json.loads((tmp_path / "e" / "eval.json").read_text())["rows"]}
+    assert set(rows_fl) == {"dense", "floor", "dam"} and 0.0 < rows_fl["floor"]["top1"] <= 1.0
+    fl32 = CliRunner().invoke(main, [*base, "--methods", "dam", "--dtype", "float32", "--floor",
+                                     "--out", str(tmp_path / "f")])
+    assert fl32.exit_code == 0 and "no floor to measure" in fl32.output
+    for bad, why in ((["--compare", "floor=" + art], "is taken"), (["--compare", "streaming=" + art], "is taken"), (["--compare", "x"], "NAME=PATH"),
                      (["--compare", "x=/no/such.safetensors"], "does not exist"),
                      (["--methods", "dam,nosuch"], "unknown method")):
         out = CliRunner().invoke(main, [*base, *bad, "--out", str(tmp_path / "c")])

@@ -302,3 +302,31 @@ def test_fidelity_per_domain():
     assert row["kl"] == pytest.approx(sum(r.kl for r in runs["dam"]) / 3)
     one = evaluate(model, {"dam": dam}, samples[:1], EvalConfig(methods=("dam",), tasks=("fidelity",), backend="cpu"))
     assert all("by_domain" not in r for r in one.rows())  # one domain: nothing to split
+
+
+def test_floor_row_is_the_dtype_against_float32():
+    """Row ``floor``: dense in the eval dtype against dense float32 on the same window (the best
+    top-1 any method can reach in that dtype), with float32's NLL; retrieval prompts get none."""
+    import copy
+
+    torch.manual_seed(0)
+    ref = tiny_model()
+    model = copy.deepcopy(ref).to(torch.bfloat16)
+    dam = make_artifact(model.config, MIXED_PROGRAMS, block_size=16)
+    ids = torch.randint(0, 128, (96,))
+    samples = [EvalSample("text", ids), EvalSample("passkey", torch.randint(0, 128, (60,)), answer_ids=(5,))]
+    seen = []
+    rep = evaluate(model, {"dam": dam}, samples, EvalConfig(methods=("dam",), tasks=("fidelity", "passkey"),
+                                                             backend="cpu"),
+                   progress=lambda d, t: seen.append((d, t)), floor_model=ref)
+    assert seen[-1] == (5, 5)  # 2 samples x (dense + dam) + one floor run
+    floor = [r for r in rep.results if r.method == "floor"]
+    assert len(floor) == 1
+    with torch.no_grad():
+        lf, lb = ref(ids[None]).logits[0], model(ids[None]).logits[0]
+    top1, kl, _, nll32 = compare_logits(lf, lb, ids)
+    assert floor[0].top1 == pytest.approx(top1) and floor[0].kl == pytest.approx(kl, rel=1e-5)
+    assert floor[0].nll == pytest.approx(nll32, rel=1e-6)
+    assert 0 < floor[0].kl and floor[0].top1 < 1.0 + 1e-9  # bf16 moves the logits
+    row = next(r for r in rep.rows() if r["method"] == "floor")
+    assert row["dppl"] == pytest.approx(math.exp(nll32) / row["ppl_dense"] - 1)
