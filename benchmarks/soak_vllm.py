@@ -63,6 +63,10 @@ def main() -> None:
     ap.add_argument("--prompts-per-length", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--no-prefix-caching", action="store_true",
+                    help="serve with prefix caching off (vLLM's default is on: a repeated prompt is then "
+                         "mostly a cache hit, whose last tokens run vLLM's kernel over the cached KV)")
+    ap.add_argument("--dense", action="store_true", help="serve without the artifact (the control)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -80,7 +84,8 @@ def main() -> None:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", mdir, "--dtype", "bfloat16",
            "--port", str(args.port), "--host", "127.0.0.1", "--max-model-len", "8192", "--seed", "0",
            "--max-num-seqs", str(args.clients), "--enforce-eager", "--gpu-memory-utilization", "0.3",
-           "--additional-config", json.dumps({"dam_artifact": args.artifact})]
+           *([] if args.dense else ["--additional-config", json.dumps({"dam_artifact": args.artifact})]),
+           *(["--no-enable-prefix-caching"] if args.no_prefix_caching else [])]
     log = open(os.environ.get("SOAK_SERVER_LOG", "/tmp/dam_soak_server.log"), "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{args.port}"
@@ -92,7 +97,8 @@ def main() -> None:
             return _post(base + "/v1/completions", {**body, "prompt": prompts[i]}, 600)["choices"][0]["text"]
 
         ref = [ask(i) for i in range(len(prompts))]  # each served alone
-        stats = {"requests": 0, "errors": 0, "agree": 0, "latency_s": [], "error_messages": []}
+        stats = {"requests": 0, "errors": 0, "agree": 0, "latency_s": [], "error_messages": [],
+                 "by_length": {str(len(p)): [0, 0] for p in prompts}}  # length -> [answered, agreeing]
         lock, stop = threading.Lock(), time.time() + args.seconds
 
         def client(c: int) -> None:
@@ -110,8 +116,11 @@ def main() -> None:
                     if err:
                         stats["errors"] += 1
                         stats["error_messages"] = (stats["error_messages"] + [err])[:10]
-                    elif text == ref[k]:
-                        stats["agree"] += 1
+                    else:
+                        stats["by_length"][str(len(prompts[k]))][0] += 1
+                        if text == ref[k]:
+                            stats["agree"] += 1
+                            stats["by_length"][str(len(prompts[k]))][1] += 1
                 i += args.clients
 
         t0 = time.time()
@@ -131,6 +140,7 @@ def main() -> None:
     lat = sorted(stats.pop("latency_s"))
     answered = stats["requests"] - stats["errors"]
     row = {**stats, "seconds": wall, "clients": args.clients, "server_alive_at_end": alive,
+           "dam": not args.dense, "prefix_caching": not args.no_prefix_caching,
            "agreement": stats["agree"] / answered if answered else None,
            "latency_p50_s": statistics.median(lat) if lat else None,
            "latency_p95_s": lat[int(0.95 * (len(lat) - 1))] if lat else None,
