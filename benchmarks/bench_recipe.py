@@ -24,11 +24,6 @@ import time
 import torch
 
 
-def _len(s: str) -> int:
-    s = s.strip().lower()
-    return int(s[:-1]) * 1024 if s.endswith("k") else int(s)
-
-
 def _fidelity(model, art, samples, backend: str) -> dict:
     from dam.runtime.eval.evaluate import EvalConfig, evaluate
 
@@ -75,10 +70,11 @@ def main() -> None:
     from dam.compiler.ir import DEFAULT_RECALL
     from dam.profiler import ProfileConfig, calibration_samples, load_model
     from dam.profiler import profile as run_profile
+    from dam.profiler.data import parse_length
     from dam.runtime.eval.evaluate import EvalSample
     from dam.runtime.eval.record import write_result
 
-    n = _len(args.length)
+    n = parse_length(args.length)
     work = args.work or tempfile.mkdtemp(prefix="dam-recipe-")
     store = os.path.join(work, f"profile_{n}.zarr")
     data: dict = {"model": args.model, "length": n, "eval_data": args.eval_data, "eval_start": args.eval_start,

@@ -21,11 +21,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _len(s: str) -> int:
-    s = s.strip().lower()
-    return int(s[:-1]) * 1024 if s.endswith("k") else int(s)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -48,12 +43,12 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     from dam.profiler import load_model
-    from dam.profiler.data import calibration_samples
+    from dam.profiler.data import calibration_samples, parse_length
     from dam.profiler.models import converted_dir
     from dam.runtime.eval.record import write_result
 
-    lengths = [_len(x) for x in args.lengths.split(",")]
-    blen = _len(args.batch_length)
+    lengths = [parse_length(x) for x in args.lengths.split(",")]
+    blen = parse_length(args.batch_length)
     longest = max(*lengths, blen)
     _, tok = load_model(args.model)
     mdir = str(converted_dir(args.model))

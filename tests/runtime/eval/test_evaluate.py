@@ -327,6 +327,6 @@ def test_floor_row_is_the_dtype_against_float32():
     top1, kl, _, nll32 = compare_logits(lf, lb, ids)
     assert floor[0].top1 == pytest.approx(top1) and floor[0].kl == pytest.approx(kl, rel=1e-5)
     assert floor[0].nll == pytest.approx(nll32, rel=1e-6)
-    assert 0 < floor[0].kl and floor[0].top1 < 1.0 + 1e-9  # bf16 moves the logits
+    assert 0 < floor[0].kl  # bf16 moves the logits
     row = next(r for r in rep.rows() if r["method"] == "floor")
     assert row["dppl"] == pytest.approx(math.exp(nll32) / row["ppl_dense"] - 1)
