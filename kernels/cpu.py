@@ -438,6 +438,15 @@ def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     return buf[:n].view(shape)
 
 
+def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """:func:`_scratch` on CPU devices (names are shared by every caller in a thread: each
+    caller's own prefix), a fresh ``torch.empty`` elsewhere (CUDA's caching allocator already
+    reuses memory)."""
+    if torch.device(device).type == "cpu":
+        return _scratch(name, shape, dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 @dataclass(frozen=True)
 class _PrefillCtx:
     """What every prefill task of one call reads: rows sorted by signature and their KV block

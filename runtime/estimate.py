@@ -26,8 +26,9 @@ Per (row, head), with ``n = min(last_q, Nq)`` last queries at positions ``i_t``:
   blocks: one selection (``kthvalue``), vectorised over rows and heads, no search loop and no
   sort of the elements. Elements of exactly equal score are kept or dropped together.
 
-The slash sums are a strided view of the softmax (laid right of ``n - 1`` zero columns, row
-``t`` starts ``t + 1`` elements further on), with no flip or skewed copy of it.
+The slash sums are a strided view of the softmax (row stride ``Nk + 1``: the entries that view
+reads before a row's first key are the previous query's future keys, exact zeros), with no
+padding, flip or skewed copy of it.
 
 Cost: ``n · Nk · D`` multiply-adds per head (in the inputs' dtype), a softmax over ``n · Nk``
 scores, and a few passes of ``nQB · nKB`` per head.
@@ -42,24 +43,27 @@ from typing import NamedTuple
 
 import torch
 
+from dam.kernels.cpu import scratch
 from .errors import DamRuntimeError
 
 #: how a layer's estimate budget is shared among its heads (see :func:`last_query_mask`)
 SHARES = ("uniform", "adaptive")
 
 
-def key_scores(k: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+def key_scores(k: torch.Tensor, cols: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``k · colsᵀ`` per KV head, *key-major*: ``[Bt, Hkv, Nk, C]`` in the inputs' dtype.
 
     Args:
         k: ``[Bt, Hkv, Nk, D]``; cols: ``[Bt, Hkv, C, D]`` (query columns grouped by KV head).
+
+    ``out``: a buffer of that shape and dtype to write into.
 
     Keys on dim -2: k is read as it lies (no copy, no up-cast), and the reductions over keys
     that follow run over contiguous rows of C. The batched ``q · kᵀ`` (query-major) is several
     times slower on the CPU when k is not in its caches (a long prompt's K; issue 11's notes),
     and its per-head transposes were the larger part of planning there.
     """
-    return torch.matmul(k, cols.transpose(-1, -2))
+    return torch.matmul(k, cols.transpose(-1, -2), out=out)
 
 
 def last_query_scores(
@@ -80,34 +84,44 @@ def last_query_scores(
     n = min(int(last_q), Nq)
     heads = heads.tolist() if isinstance(heads, torch.Tensor) else list(heads)
     groups = sorted({h // G for h in heads})
-    cols = q[:, :, Nq - n:].reshape(Bt, Hkv, G * n, D)  # row g * n + t: query t of head hkv * G + g
+    # row g * n + t: query t of head hkv * G + g; the scale folded into these few queries
+    cols = (q[:, :, Nq - n:] * scale).reshape(Bt, Hkv, G * n, D)
     # causal: key Nk - n + r lies after last query t when r > t
     after = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)  # [t, r]
-    W = n - 1 + Nk
     vert = torch.empty((Bt, Hkv, G, Nk), dtype=torch.float32, device=q.device)
     slash = torch.empty_like(vert)
-    step = max(1, max_elements // max(1, Bt * G * n * W))
+    step = max(1, max_elements // max(1, Bt * G * n * Nk))
     for c0 in range(0, len(groups), step):
         sel = groups[c0:c0 + step]
         g = torch.tensor(sel, device=q.device) if len(sel) != Hkv else None
         kc = k if g is None else k.index_select(1, g)
         qc = cols if g is None else cols.index_select(1, g)
-        # p [Bt, h, G * n, Nk] (query-major, a few queries: the product is small), right of
-        # n - 1 zero columns: slash[d] = sum_t p[t, i_t - d] is then a strided view of it (row t
-        # starts t + 1 elements further on), summed over contiguous rows
-        P = torch.empty((Bt, kc.shape[1], G * n, W), dtype=torch.float32, device=q.device)
-        P[..., :n - 1].zero_()
-        p = P[..., n - 1:]
-        p.copy_(torch.matmul(qc, kc.transpose(-1, -2))).mul_(scale)
-        p[..., Nk - n:].view(Bt, -1, G, n, n).masked_fill_(after, float("-inf"))
-        p.sub_(p.amax(-1, keepdim=True)).exp_()
-        p.div_(p.sum(-1, keepdim=True))  # softmax over the keys of each last query
-        st = P.stride()
-        # element (t, u) of head g: row g * n + t, column t + u, with u = Nk - 1 - d
-        diag = P.as_strided((Bt, P.shape[1], G, n, Nk), (st[0], st[1], n * W, W + 1, 1), P.storage_offset())
+        shape = (Bt, qc.shape[1], G * n, Nk)
+        s = torch.matmul(qc, kc.transpose(-1, -2), out=scratch("lq-scores", shape, q.dtype, q.device))
+        s[..., Nk - n:].view(Bt, -1, G, n, n).masked_fill_(after, float("-inf"))
+        # one fused softmax over the keys of each last query, in float32 (contiguous rows), in
+        # reused buffers (fresh ones this big page-fault on every call: several times the cost
+        # of the softmax itself on the CPU)
+        if s.dtype != torch.float32:
+            s = scratch("lq-scores32", shape, torch.float32, q.device).copy_(s)
+        p = torch.ops.aten._softmax.out(s, -1, False, out=scratch("lq-probs", shape, torch.float32, q.device))
+        p = p.view(Bt, -1, G, n, Nk)
+        # slash[d] = sum_t p[t, i_t - d], i_t = Nk - n + t. In u = Nk - 1 - d, row t contributes
+        # p[t, u + t - (n - 1)]: a strided view with row stride Nk + 1. Where u + t < n - 1 it
+        # reads the tail of row t - 1, whose keys lie after query t - 1 (exact zeros of the
+        # softmax), so rows t >= 1 need no padding; row 0 (whose previous row is another head's
+        # last query, or nothing) is added from its own slice
+        h = p.shape[1]
+        sl = torch.zeros((Bt, h, G, Nk), dtype=torch.float32, device=q.device)
+        if n > 1:
+            st = p.stride()
+            diag = p.as_strided((Bt, h, G, n - 1, Nk), (st[0], st[1], st[2], Nk + 1, 1),
+                                p.storage_offset() + Nk + 1 - (n - 1))
+            torch.sum(diag, -2, out=sl)
+        sl[..., n - 1:] += p[..., 0, :Nk - n + 1]
         idx = slice(None) if g is None else g
-        vert[:, idx] = p.view(Bt, -1, G, n, Nk).sum(-2)
-        slash[:, idx] = diag.sum(-2).flip(-1)
+        vert[:, idx] = p.sum(-2)
+        slash[:, idx] = sl.flip(-1)
     hs = torch.tensor(heads, device=q.device)
     return (vert.view(Bt, Hkv * G, Nk).index_select(1, hs), slash.view(Bt, Hkv * G, Nk).index_select(1, hs))
 
@@ -175,7 +189,8 @@ def select_blocks(
     Nq = int(q_len)
     nqb, nkb = -(-Nq // B), -(-Nk // B)
     dev = vert.device
-    causal, v_idx, s_idx = _geometry(Nq, Nk, B, dev)
+    geo = _geometry(Nq, Nk, B, dev)
+    causal = geo.causal
     cur = current.expand(Bt, He, nqb, nkb)
     free = causal & ~cur  # blocks that would cost budget
     ncausal = causal_blocks(Nq, Nk, B)  # host arithmetic: no read of a tensor
@@ -187,13 +202,13 @@ def select_blocks(
         budget = torch.floor(fraction * ncausal * w).clamp(min=0, max=ncausal).to(torch.int64)
     # an element's "rank" is its negated score: block (a, b) is covered by the top m elements
     # iff the best (least) one among its verticals [v_lo, v_hi] or its slashes [s_lo, s_hi] is
-    # among them: tau[a, b] = that least value (range minima from sparse tables). The blocks
+    # among them: tau[a, b] = that least value (range minima, :func:`_tau`). The blocks
     # new for a prefix are then the free blocks with tau below its cut, and the longest prefix
     # within budget cuts at the (budget+1)-th smallest tau of the free blocks: one selection, no
     # search loop (no sort of the elements either: ties, which a rank would break, keep or drop
     # together, never over budget)
     inf = float("inf")
-    tau = torch.minimum(_range_min(vert.neg(), v_idx, inf), _range_min(slash.neg(), s_idx, inf))
+    tau = _tau(vert, slash, geo)
     tau_free = torch.where(free, tau, torch.full_like(tau, inf)).flatten(-2)  # [Bt, He, nqb * nkb]
     L = tau_free.shape[-1]
     if isinstance(budget, int):
@@ -213,62 +228,69 @@ def causal_blocks(q_len: int, kv_len: int, block_size: int) -> int:
     return sum((off + min((a + 1) * B, q_len) - 1) // B + 1 for a in range(-(-int(q_len) // B)))
 
 
-class _Ranges(NamedTuple):
-    """Index plan of :func:`_range_min` for fixed ranges (length-only, cached)."""
+class _Geometry(NamedTuple):
+    """Length-only geometry of :func:`select_blocks` (cached; never written to)."""
 
-    levels: int
-    i1: torch.Tensor  # flat indices into the stacked tables, [nqb * nkb]
-    i2: torch.Tensor
-    ok: torch.Tensor  # bool [nqb, nkb]: the range is not empty
+    causal: torch.Tensor  # bool [nqb, nkb]
+    v_idx: torch.Tensor  # int64 [nqb * nkb]: where block (a, b)'s vertical minimum lies in the block prefix minima
+    s_idx: torch.Tensor  # int64 [nqb * nkb]: where its slash minimum lies in the stacked sliding minima
+    widths: tuple[int, ...]  # the slash windows' widths (one per full query block, one for a ragged last)
+    block: int
 
 
 @functools.lru_cache(maxsize=32)
-def _geometry(Nq: int, Nk: int, B: int, dev: torch.device) -> tuple[torch.Tensor, _Ranges, _Ranges]:
-    """Length-only geometry of :func:`select_blocks` (cached; never written to): the causal
-    blocks and the element ranges of every block (query block a, absolute positions [i0, i1],
-    against KV block b, keys [b0, b0 + B - 1])."""
+def _geometry(Nq: int, Nk: int, B: int, dev: torch.device) -> _Geometry:
+    """The element ranges of every block (query block a, absolute positions [i0, i1], against
+    KV block b, keys [bB, bB + B - 1]), as indices into two length-only tables (:func:`_tau`):
+
+    * verticals j in [bB, min(bB + B - 1, i1)]: a prefix of block b, so their minimum is the
+      block-prefix minimum at ``min(bB + B - 1, i1)``;
+    * slashes d in [max(i0 - bB - B + 1, 0), i1 - bB]: the window of width ``w = i1 - i0 + B``
+      ending at ``e = i1 - bB`` (cut at 0), whose minimum is the sliding minimum of width w at e.
+      Every full query block has ``w = 2B - 1``; only a ragged last one differs.
+
+    Non-causal blocks (``bB > i1``) point anywhere: the caller masks them."""
     nqb, nkb = -(-Nq // B), -(-Nk // B)
     a = torch.arange(nqb, device=dev)
     i0 = (Nk - Nq + a * B)[:, None]
     i1 = (Nk - Nq + torch.clamp((a + 1) * B, max=Nq) - 1)[:, None]
     b0 = (torch.arange(nkb, device=dev) * B)[None, :]
-    v_lo, v_hi = b0.expand(nqb, nkb), torch.minimum(b0 + B - 1, i1)  # verticals j in the block, j <= i1
-    s_lo, s_hi = (i0 - b0 - B + 1).clamp(min=0).expand(nqb, nkb), (i1 - b0).expand(nqb, nkb)  # offsets d
-    span = min(Nk, 2 * B - 1)  # the longest range (a slash range spans a query block + B - 1)
-    return ((b0 <= i1).expand(nqb, nkb).contiguous(), _range_index(v_lo, v_hi, Nk, span),
-            _range_index(s_lo, s_hi, Nk, span))
+    causal = (b0 <= i1).expand(nqb, nkb).contiguous()
+    v_idx = (b0 + torch.clamp(i1 - b0, min=0, max=B - 1)).reshape(-1)
+    w = (i1 - i0 + B).reshape(-1).tolist()  # host ints, once per length (cached)
+    widths = tuple(sorted(set(w)))
+    wi = torch.tensor([widths.index(x) for x in w], device=dev)[:, None]
+    s_idx = (wi * Nk + torch.clamp(i1 - b0, min=0, max=Nk - 1)).reshape(-1)
+    return _Geometry(causal, v_idx, s_idx, widths, B)
 
 
-def _range_index(lo: torch.Tensor, hi: torch.Tensor, N: int, max_len: int) -> _Ranges:
-    """The gathers of a sparse table of minima over power-of-two spans for ranges ``[lo, hi]``
-    (int64 ``[nqb, nkb]``, clamped to ``[0, N - 1]``; empty where ``lo > hi``), none longer than
-    ``max_len``."""
-    lo_c, hi_c = lo.clamp(min=0), hi.clamp(max=N - 1)
-    ok = lo_c <= hi_c
-    length = (hi_c - lo_c + 1).clamp(min=1)
-    levels = max(1, min(N, max_len).bit_length())  # tables[j]: minima over spans of 2 ** j
-    lev = sum((length >= (1 << j)).long() for j in range(1, levels))  # floor(log2(length))
-    base = lev * N
-    i1 = (base + lo_c.clamp(max=N - 1)).reshape(-1)
-    i2 = (base + (hi_c - (1 << lev) + 1).clamp(min=0, max=N - 1)).reshape(-1)
-    return _Ranges(levels, i1, i2, ok.contiguous())
-
-
-def _range_min(x: torch.Tensor, r: _Ranges, empty: float) -> torch.Tensor:
-    """``min(x[..., lo:hi + 1])`` for every range of ``r`` (:func:`_range_index`): ``x`` ``[..., N]``
-    -> ``[..., nqb, nkb]``, ``empty`` where a range is empty. Two gathers per range."""
+def _sliding_min(x: torch.Tensor, w: int) -> torch.Tensor:
+    """``min(x[..., max(e - w + 1, 0):e + 1])`` for every e (van Herk / Gil-Werman: minima of
+    blocks of w from the left and from the right, two per element, any w)."""
     N = x.shape[-1]
-    tables = [x]
-    for j in range(1, r.levels):
-        prev, span = tables[-1], 1 << (j - 1)
-        nxt = prev.clone()
-        nxt[..., : N - span] = torch.minimum(prev[..., : N - span], prev[..., span:])
-        tables.append(nxt)
-    st = torch.stack(tables, -2).flatten(-2)  # [..., levels * N]
-    flat = (*x.shape[:-1], r.i1.numel())
-    out = torch.minimum(torch.gather(st, -1, r.i1.expand(flat)), torch.gather(st, -1, r.i2.expand(flat)))
-    out = out.view(*x.shape[:-1], *r.ok.shape)
-    return out.masked_fill_(~r.ok, empty)
+    nb = -(-(N + w - 1) // w)
+    xp = torch.full((*x.shape[:-1], nb * w), float("inf"), dtype=x.dtype, device=x.device)
+    xp[..., w - 1:w - 1 + N] = x  # window [e - w + 1, e] of x = [e, e + w - 1] of xp
+    blocks = xp.view(*x.shape[:-1], nb, w)
+    pre = blocks.cummin(-1).values.flatten(-2)
+    suf = blocks.flip(-1).cummin(-1).values.flip(-1).flatten(-2)
+    return torch.minimum(suf[..., :N], pre[..., w - 1:w - 1 + N])
+
+
+def _tau(vert: torch.Tensor, slash: torch.Tensor, geo: _Geometry) -> torch.Tensor:
+    """``[Bt, He, nqb, nkb]``: the least negated score among each block's verticals and slashes
+    (:func:`_geometry`); arbitrary on non-causal blocks."""
+    Bt, He, Nk = vert.shape
+    nqb, nkb = geo.causal.shape
+    B = geo.block
+    vp = torch.full((Bt, He, nkb * B), float("inf"), dtype=vert.dtype, device=vert.device)
+    vp[..., :Nk] = vert.neg()
+    vmin = vp.view(Bt, He, nkb, B).cummin(-1).values.flatten(-2)
+    sn = slash.neg()
+    smin = torch.cat([_sliding_min(sn, w) for w in geo.widths], -1)
+    flat = (Bt, He, geo.v_idx.numel())
+    tau = torch.minimum(vmin.gather(-1, geo.v_idx.expand(flat)), smin.gather(-1, geo.s_idx.expand(flat)))
+    return tau.view(Bt, He, nqb, nkb)
 
 
 __all__ = ["SHARES", "causal_blocks", "key_scores", "last_query_mask", "last_query_scores", "select_blocks"]

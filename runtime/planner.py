@@ -44,6 +44,7 @@ import torch
 from dam.compiler import MaskProgram
 from dam.compiler.ir import LAST_QUERY_QUERIES, check_block_size, check_fraction, check_positive_int
 from dam.kernels import BlockLayout
+from dam.kernels.cpu import scratch
 from dam.kernels.scores import block_logsumexp
 
 from .errors import DamRuntimeError
@@ -277,7 +278,9 @@ def dynamic_indices(
         nk, ca, row = _seen(off, c1, B, Nk, q_lens), c1 - c0, 0
         for h, local, sel in table.dynamic_groups(G):  # only the dynamic heads' columns are scored
             cols = qp[:, h, :, c0:c1] if sel is None else qp[:, h, :, c0:c1].index_select(1, sel)
-            s = key_scores(k[:, h:h + 1, :nk], cols.reshape(Bt, 1, len(local) * ca, D))
+            shape = (Bt, 1, nk, len(local) * ca)  # in a reused buffer: a fresh one page-faults
+            s = key_scores(k[:, h:h + 1, :nk], cols.reshape(Bt, 1, len(local) * ca, D),
+                           out=scratch("dyn-scores", shape, k.dtype, k.device))
             lse = block_logsumexp(s, B, None if kbias is None else kbias[:, :, :nk])  # [Bt, 1, nkb_c, g * ca]
             lse = lse.view(Bt, -1, len(local), ca).permute(0, 2, 3, 1)
             score[:, row:row + len(local), c0:c1, :lse.shape[-1]] = lse
@@ -341,12 +344,16 @@ def _pool(x: torch.Tensor, lens: torch.Tensor | None, nblocks: int, B: int) -> t
         cnt = (lens.to(x.device)[:, None] - torch.arange(nblocks, device=x.device) * B).clamp(0, B)
     else:
         cnt = (N - torch.arange(nblocks, device=x.device) * B).clamp(min=0, max=B)[None, :].expand(Bt, -1)
-    full = N // B  # whole blocks summed in place (float32 accumulation, no up-cast copy), then the tail
+    # whole blocks summed in place, then the tail. The sums come back in x's dtype (the reduction
+    # accumulates in float32 inside, 16-bit included): asking for a float32 result instead makes
+    # ATen up-cast all of x first, ten times the cost of the reduction on a long prompt. The
+    # pooled query is rounded to k's dtype for the scores anyway.
+    full = N // B
     s = torch.zeros((Bt, H, nblocks, D), dtype=torch.float32, device=x.device)
     if full:
-        s[:, :, :full] = x[:, :, :full * B].reshape(Bt, H, full, B, D).sum(3, dtype=torch.float32)
+        s[:, :, :full] = x[:, :, :full * B].reshape(Bt, H, full, B, D).sum(3)
     if N > full * B:
-        s[:, :, full] = x[:, :, full * B:].sum(2, dtype=torch.float32)
+        s[:, :, full] = x[:, :, full * B:].sum(2)
     return s / cnt.clamp(min=1).to(s.dtype)[:, None, :, None]
 
 
