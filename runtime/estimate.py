@@ -44,6 +44,7 @@ from typing import NamedTuple
 import torch
 
 from dam.kernels.cpu import scratch
+
 from .errors import DamRuntimeError
 
 #: how a layer's estimate budget is shared among its heads (see :func:`last_query_mask`)
