@@ -104,8 +104,10 @@ def test_sliding_window_attention_is_exact(dtype, nq, nk, window, hq, hkv):
     k, v = torch.randn(2, hkv, nk, D).to(dtype), torch.randn(2, hkv, nk, D).to(dtype)
     got = _kernels.sliding_window_attention(q, k, v, scale=0.125, window=window, chunk=96)
     ref, _ = _eager64(None, q, k, v, None, 0.125, sliding_window=window)
-    eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(got.float(), ref.transpose(1, 2).double().float(), rtol=16 * eps, atol=16 * eps)
+    # the kernels' tolerance (tests/kernels/helpers.out_atol): the output is a convex mix of V
+    # rows; rounding to dtype costs eps * max|v|, fp32 accumulation a few fp32 eps per term
+    atol = 2 * float(v.abs().max()) * (torch.finfo(dtype).eps + 32 * torch.finfo(torch.float32).eps)
+    torch.testing.assert_close(got.double(), ref.transpose(1, 2).double(), rtol=0, atol=atol)
 
 
 def _hybrid_artifact(model, programs, block_size=16):
