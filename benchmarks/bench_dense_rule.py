@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from dam.compiler import load_artifact
-from dam.kernels import cpu_flex
+from dam.kernels import cpu_flex, cpu_native
 from dam.profiler import load_model, parse_length
 from dam.profiler.data import calibration_samples
 from dam.runtime import DamHandle, RuntimeConfig, _kernels
@@ -42,7 +42,7 @@ def capture(model, artifact, ids) -> dict[int, tuple]:
     caps: dict[int, tuple] = {}
     with dam.runtime.apply(model, artifact, dense_above=1.0) as h:
 
-        def keep(layer, q, k, v, mask, scaling, sliding_window):
+        def keep(layer, q, k, v, mask, scaling, sliding_window, softcap=None):
             caps[layer] = (q.clone(), k.clone(), v.clone(), float(scaling))
             return _kernels.dense_attention(q, k, v, scale=float(scaling))
 
@@ -111,7 +111,8 @@ def main() -> None:
                  "none" if even is None else f"{even:.3f}")
     out = args.out or ROOT / "benchmarks" / "results" / f"dense_rule_{args.model}_{args.dtype}.json"
     write_result(out, {"results": results, "model": args.model, "artifact": str(args.artifact), "rounds": args.rounds,
-                       "cpu_kernel": {"flex_mode": cpu_flex.mode(), "flex_ready": cpu_flex.ready_signatures()}},
+                       "cpu_kernel": {"flex_mode": cpu_flex.mode(), "flex_ready": cpu_flex.ready_signatures(),
+                                      "native": cpu_native.state()}},
                  dtype=args.dtype, device="cpu")
     log.info("-> %s", out)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dam.kernels import BlockLayout, block_sparse_attention, block_sparse_decode, cpu_flex
+from dam.kernels import BlockLayout, block_sparse_attention, block_sparse_decode, cpu_flex, cpu_native
 from dam.kernels.cpu import attention_cpu
 from dam.kernels.synthetic import element_density, flex_block_mask, gqa_mask, realistic_mask
 from dam.runtime.eval.record import write_result
@@ -132,7 +132,8 @@ def cpu_benchmark(quick: bool, threads: int, dtype: torch.dtype = torch.bfloat16
             "N": n, "density_target": dens, "density": round(ed, 4), "Hq": hq, "Hkv": hkv, "D": d,
             "block": block,
             "sdpa_s": med["sdpa"], "ours_s": med["ours"], "flex_s": med["flex"], "ours_aten_s": med["aten"],
-            "ours_kernel": "compiled flex" if cpu_flex.ready_for(q, k, layout) else "aten",
+            "ours_kernel": ("dam native" if dtype == torch.bfloat16 and cpu_native.state() == "ready"
+                            else "compiled flex" if cpu_flex.ready_for(q, k, layout) else "aten"),
             "ours_aten_over_sdpa_per_density": med["aten"] / med["sdpa"] / ed,
             "ours_first_call_s": first["ours"], "flex_first_call_s": first["flex"],
             "ours_over_sdpa": med["ours"] / med["sdpa"],
@@ -157,6 +158,7 @@ def cpu_benchmark(quick: bool, threads: int, dtype: torch.dtype = torch.bfloat16
     return {"prefill": rows, "decode": decode, "config": {
         "dtype": str(dtype).replace("torch.", ""), "B": 1, "threads": threads, "rounds": rounds,
         "cpu_flex_mode": cpu_flex.mode(), "cpu_flex_ready": cpu_flex.ready_signatures(),
+        "cpu_native": cpu_native.state(),
         "grid": "full" if full else ("quick" if quick else "default"), "statistic": "median"}}
 
 

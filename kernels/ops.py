@@ -107,14 +107,18 @@ def block_sparse_attention(
     if nq == 0:
         pass
     elif which == "cpu":
+        from . import cpu_flex, cpu_native
         from .cpu import attention_cpu
-        from .cpu_flex import try_attention
 
         if validate:
             layout.validate(nk)
         lse_want = lse_out if want_lse else None
-        if softcap is not None or not try_attention(q, k, v, layout, causal=bool(causal), scale=scale, out=out,
-                                                    lse=lse_want):
+        kw = dict(causal=bool(causal), scale=scale, out=out, lse=lse_want)
+        # DAM's AMX kernel where it can serve; the compiled FlexAttention kernel only where it
+        # cannot (never both built in one process); the ATen path for the rest
+        done = softcap is None and (cpu_native.try_attention(q, k, v, layout, **kw) or (
+            not cpu_native.usable() and cpu_flex.try_attention(q, k, v, layout, **kw)))
+        if not done:
             attention_cpu(q, k, v, layout, causal=bool(causal), scale=scale, out=out, lse=lse_want, softcap=softcap)
     else:
         from .triton_kernels import attention_triton

@@ -396,9 +396,10 @@ def bench(
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     cfg = asdict(config)
     if dev.type == "cpu":
-        from dam.kernels import cpu_flex
+        from dam.kernels import cpu_flex, cpu_native
 
-        cfg["cpu_kernel"] = {"flex_mode": cpu_flex.attention_mode(), "flex_ready": cpu_flex.ready_signatures()}
+        cfg["cpu_kernel"] = {"flex_mode": cpu_flex.attention_mode(), "flex_ready": cpu_flex.ready_signatures(),
+                             "native": cpu_native.state()}
     return BenchReport(rows, name, str(dtype).replace("torch.", ""), torch.get_num_threads(), cfg)
 
 

@@ -36,6 +36,7 @@ def _tol(dtype, v):
 @pytest.fixture(autouse=True)
 def _small_calls_build(monkeypatch):
     monkeypatch.setattr(cpu_flex, "BUILD_FROM_KEYS", 1)
+    monkeypatch.setenv("DAM_CPU_NATIVE", "0")  # the FlexAttention kernel under test, not DAM's own
 
 
 @pytest.fixture

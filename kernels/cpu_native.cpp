@@ -1,0 +1,281 @@
+// DAM's block-sparse prefill for bf16 CPU tensors on CPUs with AMX (built and called by
+// cpu_native.py; the semantics of dam.kernels.block_sparse_attention).
+//
+// K and V are packed once per call into the VNNI layouts of AMX's bf16 products (whole sequence
+// per batch entry and KV head, so a run of consecutive kept blocks is one sub-matrix). One task
+// per (batch entry, KV head, query block): the query tiles of the KV head's G query heads are
+// stacked; the KV blocks every one of them keeps run stacked ([G * rows, D] against each K/V tile,
+// read once), the blocks only some keep run per head. Kept blocks are read in place (no gather),
+// a chunk of at most CHUNK_KEYS keys at a time: Q K^T of the chunk's blocks lands side by side in
+// one fp32 row buffer (a brgemm per run of consecutive blocks), one online-softmax update per
+// row and chunk (the accumulator is rescaled per chunk, not per block), and P V accumulates into
+// an fp32 accumulator. Only blocks that cross the causal boundary or the ragged key tail are
+// masked. Output in bf16; the LSE (natural log) in float32 when asked for.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t CHUNK_KEYS = 512;
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+// Keys [j0, j0 + bn) of one (batch, KV head), K into the B operand of Q K^T in VNNI-2 layout
+// [D/2][NkP][2] (element (d, j) of K^T at ((d/2)*NkP + j)*2 + d%2), V into the B operand of P V,
+// [NkP/2][D][2] (element (j, d) of V at ((j/2)*D + d)*2 + j%2). Keys at or past Nk are zero.
+// Whole-sequence layouts: a run of consecutive kept blocks is one sub-matrix of each.
+template <typename T>
+void pack_block(const T* k, int64_t ksN, const T* v, int64_t vsN, int64_t j0, int64_t bn, int64_t Nk,
+                int64_t NkP, int64_t D, T* kp, T* vp) {
+  for (int64_t j = j0; j < j0 + bn; ++j) {
+    const bool ok = j < Nk;
+    const T* row = k + j * ksN;
+    for (int64_t t = 0; t < D / 2; ++t) {
+      T* o = kp + (t * NkP + j) * 2;
+      o[0] = ok ? row[2 * t] : T(0);
+      o[1] = ok ? row[2 * t + 1] : T(0);
+    }
+  }
+  for (int64_t j = j0; j < j0 + bn; j += 2) {
+    const T* r0 = v + j * vsN;
+    const T* r1 = v + (j + 1) * vsN;
+    const bool ok0 = j < Nk, ok1 = j + 1 < Nk;
+    T* o = vp + (j / 2) * D * 2;
+    for (int64_t d = 0; d < D; ++d) {
+      o[2 * d] = ok0 ? r0[d] : T(0);
+      o[2 * d + 1] = ok1 ? r1[d] : T(0);
+    }
+  }
+}
+
+float row_max(const float* x, int64_t n) {  // n is a multiple of 16 (a whole number of blocks)
+  __m512 m = _mm512_set1_ps(NEG_INF);
+  for (int64_t j = 0; j < n; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + j));
+  return _mm512_reduce_max_ps(m);
+}
+
+// p <- exp(scale * x - mx) in the 16-bit dtype (rounded once from fp32); returns the fp32 sum
+float exp_sum(const float* x, int64_t n, float scale, float mx, at::BFloat16* p) {  // n: a multiple of 16
+  Vec s(0.f), vs(scale), vm(mx);
+  for (int64_t j = 0; j < n; j += Vec::size()) {
+    Vec e = (Vec::loadu(x + j) * vs - vm).exp_u20();
+    s = s + e;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), at::vec::cvtfp32_bf16(__m512(e)));
+  }
+  return _mm512_reduce_add_ps(__m512(s));
+}
+
+template <typename T>
+void attend_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& idx,
+                 const at::Tensor& cnt, at::Tensor& out, float* lse, int64_t bm, int64_t bn, float scale,
+                 bool causal, bool stack) {
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Nk = k.size(2), G = Hq / Hkv;
+  const int64_t nqb = (Nq + bm - 1) / bm, nkb = (Nk + bn - 1) / bn;
+  const int64_t off = Nk - Nq;
+  const T* qd = q.data_ptr<T>();
+  const T* kd = k.data_ptr<T>();
+  const T* vd = v.data_ptr<T>();
+  T* od = out.data_ptr<T>();
+  const int32_t* id = idx.data_ptr<int32_t>();
+  const int32_t* cd = cnt.data_ptr<int32_t>();
+  const int64_t qsB = q.stride(0), qsH = q.stride(1), qsN = q.stride(2);
+  const int64_t ksB = k.stride(0), ksH = k.stride(1), ksN = k.stride(2);
+  const int64_t vsB = v.stride(0), vsH = v.stride(1), vsN = v.stride(2);
+  const int64_t osB = out.stride(0), osH = out.stride(1), osN = out.stride(2);
+  const int64_t Bl = idx.size(0), Hl = idx.size(1), W = idx.size(3);
+  const int64_t isB = idx.stride(0), isH = idx.stride(1), isQ = idx.stride(2);
+  const int64_t csB = cnt.stride(0), csH = cnt.stride(1), csQ = cnt.stride(2);
+
+  // K and V packed once per call (whole sequence per batch entry and KV head): [B * Hkv, NkP * D]
+  const int64_t NkP = nkb * bn, per = NkP * D;
+  at::Tensor kpt = at::empty({B * Hkv * per}, q.options());  // uninitialised: every element is written
+  at::Tensor vpt = at::empty({B * Hkv * per}, q.options());
+  T* kpd = kpt.data_ptr<T>();
+  T* vpd = vpt.data_ptr<T>();
+  at::parallel_for(0, B * Hkv * nkb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / nkb, j = t % nkb, b = bh / Hkv, h = bh % Hkv;
+      pack_block(kd + b * ksB + h * ksH, ksN, vd + b * vsB + h * vsH, vsN, j * bn, bn, Nk, NkP, D,
+                 kpd + bh * per, vpd + bh * per);
+    }
+  });
+
+  const int64_t chunk = std::max<int64_t>(1, CHUNK_KEYS / bn);
+  const int64_t L = chunk * bn;  // row stride of the score and probability buffers
+  // GQA: the query heads of a KV head run as one task; the blocks all of them keep run stacked
+  // ([G * rows, D] queries: each K/V tile read once, bigger products), the rest per head. One
+  // online softmax state per query row, so the two sets need no merge. More than 64 query
+  // heads per KV head: one head per task.
+  const int64_t gs = (stack && G <= 64) ? G : 1;  // heads per task
+  const int64_t tasks = B * (Hq / gs) * nqb;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t R = gs * bm;
+    std::vector<float> S(static_cast<size_t>(R * L)), acc(static_cast<size_t>(R * D)), mx(R), sm(R);
+    std::vector<T> P(static_cast<size_t>(R * L)), Qs(static_cast<size_t>(R * D));
+    std::vector<int32_t> vis(static_cast<size_t>(gs * W)), nvis(gs), common(static_cast<size_t>(W)),
+        own(static_cast<size_t>(W));
+    std::vector<uint64_t> mark(static_cast<size_t>(nkb), 0);
+    const uint64_t all = gs == 64 ? ~uint64_t(0) : ((uint64_t(1) << gs) - 1);
+    for (int64_t t = begin; t < end; ++t) {
+      // query blocks in the order 0, n-1, 1, n-2, ...: every contiguous range of tasks (one per
+      // thread) holds short and long rows alike
+      const int64_t ntask_bh = B * (Hq / gs);
+      const int64_t o = t / ntask_bh, bh = t % ntask_bh;
+      const int64_t qb = (o % 2 == 0) ? o / 2 : nqb - 1 - o / 2;
+      const int64_t b = bh / (Hq / gs), h0 = (bh % (Hq / gs)) * gs, hk = h0 / G;
+      const int64_t m0 = qb * bm, mr = std::min(bm, Nq - m0);
+      // keys < lim(r) are visible to row r
+      const int64_t lim_first = causal ? std::min(off + m0 + 1, Nk) : Nk;
+      const int64_t lim_last = causal ? std::min(off + m0 + mr, Nk) : Nk;
+      for (int64_t g = 0; g < gs; ++g) {
+        const int64_t h = h0 + g;
+        const int32_t* ids = id + (Bl == 1 ? 0 : b) * isB + (Hl == 1 ? 0 : h) * isH + qb * isQ;
+        const int32_t n = cd[(Bl == 1 ? 0 : b) * csB + (Hl == 1 ? 0 : h) * csH + qb * csQ];
+        int32_t nv = 0;
+        for (int32_t i = 0; i < n; ++i) {
+          const int32_t j = ids[i];
+          if (j >= 0 && j * bn < lim_last) {
+            vis[g * W + nv++] = j;
+            mark[j] |= uint64_t(1) << g;
+          }
+        }
+        nvis[g] = nv;
+        const T* qrow = qd + b * qsB + h * qsH + m0 * qsN;
+        for (int64_t r = 0; r < mr; ++r) std::copy(qrow + r * qsN, qrow + r * qsN + D, Qs.data() + (g * mr + r) * D);
+      }
+      int64_t nc = 0;  // blocks every head keeps (ascending: head 0's order)
+      for (int32_t i = 0; i < nvis[0]; ++i) {
+        const int32_t j = vis[i];
+        if (mark[j] == all) common[nc++] = j;
+      }
+      const int64_t rows = gs * mr;
+      for (int64_t r = 0; r < rows; ++r) {
+        mx[r] = NEG_INF;
+        sm[r] = 0.f;
+        std::fill(acc.data() + r * D, acc.data() + (r + 1) * D, 0.f);
+      }
+      const T* kbase = kpd + (b * Hkv + hk) * per;
+      const T* vbase = vpd + (b * Hkv + hk) * per;
+      // rows [r0, r0 + M) of the task against the blocks list[0..nl)
+      auto run = [&](int64_t r0, int64_t M, const int32_t* list, int64_t nl) {
+        const T* A = Qs.data() + r0 * D;
+        float* Sr = S.data() + r0 * L;
+        T* Pr = P.data() + r0 * L;
+        for (int64_t c = 0; c < nl; c += chunk) {
+          const int64_t nb = std::min(chunk, nl - c), Lc = nb * bn;
+          // runs of consecutive blocks: one product each
+          for (int64_t i = 0; i < nb;) {
+            int64_t e = i + 1;
+            while (e < nb && list[c + e] == list[c + e - 1] + 1) ++e;
+            at::native::cpublas::brgemm(M, (e - i) * bn, D, D, NkP, L, false, A,
+                                        kbase + static_cast<int64_t>(list[c + i]) * bn * 2, Sr + i * bn, true);
+            i = e;
+          }
+          for (int64_t i = 0; i < nb; ++i) {  // mask the blocks that cross the boundary or the tail
+            const int64_t j0 = static_cast<int64_t>(list[c + i]) * bn;
+            if (j0 + bn <= lim_first) continue;
+            for (int64_t x = 0; x < M; ++x) {
+              const int64_t r = (r0 + x) % mr;  // the row's query within its head
+              const int64_t lim = causal ? std::min(off + m0 + r + 1, Nk) : Nk;
+              const int64_t keep = std::clamp<int64_t>(lim - j0, 0, bn);
+              std::fill(Sr + x * L + i * bn + keep, Sr + x * L + (i + 1) * bn, NEG_INF);
+            }
+          }
+          for (int64_t x = 0; x < M; ++x) {
+            const float* row = Sr + x * L;
+            float& m_ = mx[r0 + x];
+            const float m_new = std::max(m_, row_max(row, Lc) * scale);
+            if (m_new == NEG_INF) {  // nothing visible yet in this row
+              std::fill(Pr + x * L, Pr + x * L + Lc, T(0));
+              continue;
+            }
+            const float s = exp_sum(row, Lc, scale, m_new, Pr + x * L);
+            const float corr = std::exp(m_ - m_new);  // 0 when nothing was seen before
+            sm[r0 + x] = sm[r0 + x] * corr + s;
+            m_ = m_new;
+            if (corr != 1.f) {
+              float* a = acc.data() + (r0 + x) * D;
+              int64_t d = 0;
+              for (; d + Vec::size() <= D; d += Vec::size()) (Vec::loadu(a + d) * Vec(corr)).store(a + d);
+              for (; d < D; ++d) a[d] *= corr;
+            }
+          }
+          for (int64_t i = 0; i < nb;) {
+            int64_t e = i + 1;
+            while (e < nb && list[c + e] == list[c + e - 1] + 1) ++e;
+            at::native::cpublas::brgemm(M, D, (e - i) * bn, L, D, D, true, Pr + i * bn,
+                                        vbase + static_cast<int64_t>(list[c + i]) * bn * D,
+                                        acc.data() + r0 * D, true);
+            i = e;
+          }
+        }
+      };
+      if (nc > 0) run(0, rows, common.data(), nc);
+      for (int64_t g = 0; g < gs; ++g) {
+        int64_t no = 0;
+        for (int32_t i = 0; i < nvis[g]; ++i) {
+          const int32_t j = vis[g * W + i];
+          if (mark[j] != all) own[no++] = j;
+        }
+        if (no > 0) run(g * mr, mr, own.data(), no);
+      }
+      for (int64_t g = 0; g < gs; ++g) {
+        for (int32_t i = 0; i < nvis[g]; ++i) mark[vis[g * W + i]] = 0;
+      }
+      for (int64_t g = 0; g < gs; ++g) {
+        const int64_t h = h0 + g;
+        for (int64_t r = 0; r < mr; ++r) {
+          const int64_t x = g * mr + r;
+          T* orow = od + b * osB + h * osH + (m0 + r) * osN;
+          const bool empty = sm[x] == 0.f;
+          const float inv = empty ? 0.f : 1.f / sm[x];
+          const float* a = acc.data() + x * D;
+          for (int64_t d = 0; d < D; ++d) orow[d] = T(empty ? 0.f : a[d] * inv);
+          if (lse != nullptr) lse[(b * Hq + h) * Nq + m0 + r] = empty ? NEG_INF : mx[x] + std::log(sm[x]);
+        }
+      }
+    }
+    at::native::cpublas::brgemm_release(true);
+  });
+}
+
+}  // namespace
+
+// q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] (last dim contiguous, same 16-bit dtype), idx int32
+// [Bl, Hl, nqb, W] (ascending, -1 padded), cnt int32 [Bl, Hl, nqb], out like q, lse float32
+// contiguous [B, Hq, Nq] or None.
+void attend(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor idx, at::Tensor cnt, at::Tensor out,
+            std::optional<at::Tensor> lse, int64_t bm, int64_t bn, double scale, bool causal, bool stack) {
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && out.stride(3) == 1,
+              "the last dim must be contiguous");
+  TORCH_CHECK(q.size(3) % 2 == 0 && bn % 2 == 0, "head dim and block_n must be even");
+  TORCH_CHECK(idx.scalar_type() == at::kInt && cnt.scalar_type() == at::kInt, "layout must be int32");
+  float* lp = nullptr;
+  if (lse.has_value()) {
+    TORCH_CHECK(lse->is_contiguous() && lse->scalar_type() == at::kFloat, "lse must be contiguous float32");
+    lp = lse->data_ptr<float>();
+  }
+  if (q.scalar_type() == at::kBFloat16) {
+    attend_impl<at::BFloat16>(q, k, v, idx, cnt, out, lp, bm, bn, static_cast<float>(scale), causal, stack);
+  } else {
+    TORCH_CHECK(false, "bf16 inputs only");
+  }
+}
+
+bool available(at::ScalarType dt) { return at::native::cpublas::could_pack(dt); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("attend", &attend, "DAM block-sparse prefill (CPU, 16-bit, AMX)");
+  m.def("available", &available, "whether brgemm can pack this dtype here");
+}
