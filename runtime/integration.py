@@ -52,12 +52,12 @@ DECODE_MODES = ("auto", "sparse", "dense")
 #: loses to dense SDPA, planning included: a number, or ``(kv_len, bound)`` points interpolated in
 #: log2(kv_len) and held past the ends; per-layer break-evens of the SmolLM2 artifact
 #: (benchmarks/bench_dense_rule.py; the files are listed in benchmarks/results/INDEX.md). CPU 16-bit
-#: depends on the kernel that runs it: ``"cpu"`` where the compiled kernel does (AMX-BF16 CPUs,
+#: depends on the kernel that runs it: ``"cpu"`` where a compiled kernel does (AMX-BF16 CPUs: DAM's own,
 #: dense_rule_smollm2-135m_bfloat16.json), ``"cpu:aten"`` where the ATen path does (CPUs without
 #: AMX, dense_rule_smollm2-135m_bfloat16_aten.json); fp16 takes bf16's (not measured apart). CPU
 #: fp32: dense_rule_smollm2-135m_float32.json (sparse lost at every density up to 4K). Elsewhere
 #: not measured: never dense.
-_CPU_16BIT_RULE = ((4096, 0.213), (8192, 0.381), (16384, 0.429))
+_CPU_16BIT_RULE = ((4096, 0.367), (8192, 0.489), (16384, 0.489))
 _CPU_16BIT_ATEN_RULE = ((4096, 0.447), (8192, 0.557), (16384, 0.679))
 DENSE_ABOVE: dict[tuple[str, torch.dtype | None], float | tuple[tuple[int, float], ...]] = {
     ("cpu", torch.bfloat16): _CPU_16BIT_RULE,
