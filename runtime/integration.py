@@ -54,7 +54,7 @@ DECODE_MODES = ("auto", "sparse", "dense")
 #: (benchmarks/bench_dense_rule.py; the files are listed in benchmarks/results/INDEX.md). CPU 16-bit
 #: depends on the kernel that runs it: ``"cpu"`` where a compiled kernel does (AMX-BF16 CPUs: DAM's own,
 #: dense_rule_smollm2-135m_bfloat16.json), ``"cpu:aten"`` where the ATen path does (CPUs without
-#: AMX, dense_rule_smollm2-135m_bfloat16_aten.json); fp16 takes bf16's (not measured apart). CPU
+#: AMX, dense_rule_smollm2-135m_bfloat16_aten.json; and fp16, which no compiled kernel takes). CPU
 #: fp32: dense_rule_smollm2-135m_float32.json (sparse lost at every density up to 4K). Elsewhere
 #: not measured: never dense.
 _CPU_16BIT_RULE = ((4096, 0.367), (8192, 0.489), (16384, 0.489))
@@ -69,10 +69,11 @@ DENSE_ABOVE: dict[tuple[str, torch.dtype | None], float | tuple[tuple[int, float
 
 
 def rule_device(device: torch.device, dtype: torch.dtype) -> str:
-    """The :data:`DENSE_ABOVE` device key of a call: ``"cpu:aten"`` for 16-bit CPU prefill when the
-    compiled kernel is off (:func:`dam.kernels.cpu_flex.attention_mode`), else the device type."""
-    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and cpu_flex.attention_mode() == "off":
-        return "cpu:aten"
+    """The :data:`DENSE_ABOVE` device key of a call: ``"cpu:aten"`` for CPU prefill on the ATen path
+    (fp16, and bf16 when the compiled kernels are off: :func:`dam.kernels.cpu_flex.attention_mode`),
+    else the device type."""
+    if device.type == "cpu" and (dtype == torch.float16 or (dtype == torch.bfloat16 and cpu_flex.attention_mode() == "off")):
+        return "cpu:aten"  # no compiled CPU kernel takes fp16
     return device.type
 
 

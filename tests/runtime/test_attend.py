@@ -179,14 +179,15 @@ def test_dense_rule_runs_dense_above_the_threshold_unplanned(monkeypatch):
 
 @pytest.mark.parametrize("kernel_mode,key", [("background", "cpu"), ("off", "cpu:aten")])
 def test_dense_rule_default_threshold_by_device_dtype_and_kernel(monkeypatch, kernel_mode, key):
-    """16-bit CPU prefill takes the break-even of the kernel that runs it (compiled or ATen)."""
+    """16-bit CPU prefill takes the break-even of the kernel that runs it (compiled or ATen; fp16,
+    which no compiled kernel takes, always ATen's)."""
     from dam.kernels import cpu_flex
     from dam.runtime.integration import DENSE_ABOVE, _threshold_at, rule_device
 
     monkeypatch.setattr(cpu_flex, "attention_mode", lambda: kernel_mode)
     cfg = RuntimeConfig()
     cpu = torch.device("cpu")
-    assert rule_device(cpu, torch.bfloat16) == rule_device(cpu, torch.float16) == key
+    assert rule_device(cpu, torch.bfloat16) == key and rule_device(cpu, torch.float16) == "cpu:aten"
     assert rule_device(cpu, torch.float32) == "cpu"
     for n in (1024, 4096, 6000, 8192, 20000, None):
         assert cfg.dense_threshold(cpu, torch.bfloat16, n) == _threshold_at(DENSE_ABOVE[(key, torch.bfloat16)], n)
