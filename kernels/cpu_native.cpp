@@ -250,7 +250,89 @@ void attend_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   });
 }
 
+// The planner's dynamic block score (dam.kernels.scores.block_logsumexp of k . colsT, fused):
+// out[b, h, kb, c] = log sum_{j in key block kb} exp(k_j . col_c) in fp32, for the key blocks a
+// column's query block can see (kb <= last[c / per]); -inf for the others. Columns are query-block
+// major (column c belongs to query block c / per), so the columns that see key block kb are one
+// suffix: one brgemm per (batch entry, KV head, key block) against it, then per-column max and
+// exp-sum over the block's rows (vectorised across columns). The scores never leave the cache.
+void block_lse_impl(const at::Tensor& k, const at::Tensor& cols, const at::Tensor& last, int64_t per, int64_t bn,
+                    at::Tensor& out) {
+  using T = at::BFloat16;
+  const int64_t B = k.size(0), H = k.size(1), Nk = k.size(2), D = k.size(3), C = cols.size(2);
+  const int64_t nkb = (Nk + bn - 1) / bn, nqb = C / per;
+  const T* kd = k.data_ptr<T>();
+  const T* cd = cols.data_ptr<T>();
+  const int64_t* ld = last.data_ptr<int64_t>();
+  float* od = out.data_ptr<float>();
+  const int64_t ksB = k.stride(0), ksH = k.stride(1), ksN = k.stride(2);
+  const int64_t csB = cols.stride(0), csH = cols.stride(1), csC = cols.stride(2);
+  // cols^T in VNNI-2 layout [D/2][C][2] per (batch entry, KV head)
+  at::Tensor packed = at::empty({B * H * C * D}, k.options());
+  T* pd = packed.data_ptr<T>();
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const T* src = cd + (t / H) * csB + (t % H) * csH;
+      T* dst = pd + t * C * D;
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t d2 = 0; d2 < D / 2; ++d2) {
+          dst[(d2 * C + c) * 2] = src[c * csC + 2 * d2];
+          dst[(d2 * C + c) * 2 + 1] = src[c * csC + 2 * d2 + 1];
+        }
+      }
+    }
+  });
+  // first query block that sees key block kb (last[] is ascending)
+  std::vector<int64_t> first(static_cast<size_t>(nkb));
+  for (int64_t kb = 0, a = 0; kb < nkb; ++kb) {
+    while (a < nqb && ld[a] < kb) ++a;
+    first[kb] = a;
+  }
+  at::parallel_for(0, B * H * nkb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> S(static_cast<size_t>(bn * C)), m(static_cast<size_t>(C)), sm(static_cast<size_t>(C));
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / nkb, kb = t % nkb;
+      float* o = od + (bh * nkb + kb) * C;
+      const int64_t c0 = first[kb] * per, nc = C - c0, rows = std::min(bn, Nk - kb * bn);
+      std::fill(o, o + c0, NEG_INF);
+      if (nc <= 0) continue;
+      const T* A = kd + (bh / H) * ksB + (bh % H) * ksH + kb * bn * ksN;
+      at::native::cpublas::brgemm(rows, nc, D, ksN, C, nc, false, A, pd + bh * C * D + c0 * 2, S.data(), true);
+      std::copy(S.data(), S.data() + nc, m.data());
+      for (int64_t r = 1; r < rows; ++r) {
+        const float* row = S.data() + r * nc;
+        int64_t c = 0;
+        for (; c + 16 <= nc; c += 16)
+          _mm512_storeu_ps(m.data() + c, _mm512_max_ps(_mm512_loadu_ps(m.data() + c), _mm512_loadu_ps(row + c)));
+        for (; c < nc; ++c) m[c] = std::max(m[c], row[c]);
+      }
+      std::fill(sm.data(), sm.data() + nc, 0.f);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* row = S.data() + r * nc;
+        int64_t c = 0;
+        for (; c + 16 <= nc; c += 16) {
+          Vec e = (Vec::loadu(row + c) - Vec::loadu(m.data() + c)).exp_u20();
+          (Vec::loadu(sm.data() + c) + e).store(sm.data() + c);
+        }
+        for (; c < nc; ++c) sm[c] += std::exp(row[c] - m[c]);
+      }
+      for (int64_t c = 0; c < nc; ++c) o[c0 + c] = m[c] + std::log(sm[c]);
+    }
+    at::native::cpublas::brgemm_release(true);
+  });
+}
+
 }  // namespace
+
+// k [B, H, Nk, D] and cols [B, H, C, D] bf16 (last dim contiguous), last int64 [C / per] (the
+// last key block each query block sees, ascending) -> out float32 contiguous [B, H, nkb, C].
+void block_lse(at::Tensor k, at::Tensor cols, at::Tensor last, int64_t per, int64_t bn, at::Tensor out) {
+  TORCH_CHECK(k.scalar_type() == at::kBFloat16 && cols.scalar_type() == at::kBFloat16, "bf16 inputs only");
+  TORCH_CHECK(k.stride(3) == 1 && cols.stride(3) == 1 && k.size(3) % 2 == 0, "contiguous even last dim");
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat, "out must be contiguous float32");
+  TORCH_CHECK(last.is_contiguous() && last.scalar_type() == at::kLong && cols.size(2) % per == 0, "bad last");
+  block_lse_impl(k, cols, last, per, bn, out);
+}
 
 // q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] (last dim contiguous, same 16-bit dtype), idx int32
 // [Bl, Hl, nqb, W] (ascending, -1 padded), cnt int32 [Bl, Hl, nqb], out like q, lse float32
@@ -278,4 +360,5 @@ bool available(at::ScalarType dt) { return at::native::cpublas::could_pack(dt); 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend", &attend, "DAM block-sparse prefill (CPU, 16-bit, AMX)");
   m.def("available", &available, "whether brgemm can pack this dtype here");
+  m.def("block_lse", &block_lse, "the planner's fused dynamic block score (CPU, bf16, AMX)");
 }

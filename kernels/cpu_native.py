@@ -149,6 +149,17 @@ def usable() -> bool:
     return _STATE.state in ("new", "building", "ready")
 
 
+def block_lse_fn(k: torch.Tensor):
+    """The fused dynamic block score of :func:`dam.runtime.planner.dynamic_indices` (``k · colsᵀ``
+    and the per-block log-sum-exp of :func:`dam.kernels.scores.block_logsumexp` in one pass, in
+    fp32), when the kernel is built and ``k`` is a bf16 CPU tensor; else None (the planner's own
+    ops run). Never starts a build (attention calls do)."""
+    if k.dtype != torch.bfloat16 or k.device.type != "cpu" or k.shape[-1] % 2 or k.stride(-1) != 1 \
+            or _STATE.state != "ready" or mode() == "off" or torch.compiler.is_compiling():
+        return None
+    return _STATE.module.block_lse
+
+
 def try_attention(q, k, v, layout: BlockLayout, *, causal: bool, scale: float, out: torch.Tensor,
                   lse: torch.Tensor | None) -> bool:
     """Run prefill through the kernel into ``out`` (and ``lse``) when it is built (True);
@@ -189,4 +200,4 @@ def try_attention(q, k, v, layout: BlockLayout, *, causal: bool, scale: float, o
     return True
 
 
-__all__ = ["BUILD_FROM_KEYS", "SOURCE", "mode", "state", "try_attention", "unsupported", "usable"]
+__all__ = ["BUILD_FROM_KEYS", "SOURCE", "block_lse_fn", "mode", "state", "try_attention", "unsupported", "usable"]

@@ -44,6 +44,7 @@ import torch
 from dam.compiler import MaskProgram
 from dam.compiler.ir import LAST_QUERY_QUERIES, check_block_size, check_fraction, check_positive_int
 from dam.kernels import BlockLayout
+from dam.kernels import cpu_native
 from dam.kernels.cpu import scratch
 from dam.kernels.scores import block_logsumexp
 
@@ -266,6 +267,22 @@ def dynamic_indices(
         past = torch.arange(Nk, device=k.device)[None, :] >= kv_lens.to(k.device)[:, None]
         kbias = torch.zeros((Bt, 1, Nk, 1), dtype=torch.float32, device=k.device)
         kbias.masked_fill_(past[:, None, :, None], float("-inf"))
+    fused = cpu_native.block_lse_fn(k) if q_lens is None and kv_lens is None else None
+    if fused is not None:  # DAM's CPU kernel: k . colsT and the block log-sum-exp in one pass
+        last = torch.tensor([(Nk - Nq + min((a + 1) * B, Nq) - 1) // B for a in range(nqb)], dtype=torch.int64)
+        parts = []
+        for h, local, sel in table.dynamic_groups(G):
+            cols = qp[:, h] if sel is None else qp[:, h].index_select(1, sel)  # [Bt, nh, nqb, D]
+            nh = cols.shape[1]
+            cols = cols.transpose(1, 2).reshape(Bt, 1, nqb * nh, D)  # query-block major
+            lse = torch.empty((Bt, 1, nkb, nqb * nh), dtype=torch.float32)
+            fused(k[:, h:h + 1], cols, last, nh, B, lse)
+            parts.append(lse.view(Bt, nkb, nqb, nh).permute(0, 3, 2, 1))
+        score = torch.cat(parts, 1) + bias
+        kmax = _dynamic_width(table, nkb)
+        vals, idx = score.topk(kmax, dim=-1)
+        keep = (torch.arange(kmax, device=q.device) < budget.unsqueeze(-1)) & torch.isfinite(vals)
+        return torch.where(keep, idx, torch.full_like(idx, -1))
     score = torch.full((Bt, Hd, nqb, nkb), float("-inf"), dtype=torch.float32, device=q.device)
     # query blocks in chunks of at most max_elements scores; a chunk scores only the keys its
     # queries can see (all rows alike: the last Nq of Nk positions; padded rows: every key)

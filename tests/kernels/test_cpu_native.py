@@ -40,6 +40,10 @@ def built(monkeypatch):
     real = cpu_native._STATE.module
 
     class Counting:
+        def __init__(self):
+            self.real = real
+            self.block_lse = real.block_lse
+
         def attend(self, *a):
             calls.append(a)
             return real.attend(*a)
@@ -213,3 +217,60 @@ def test_name_follows_source_and_cpu(monkeypatch):
     a = cpu_native._name()
     monkeypatch.setattr(cpu_flex, "cpu_flags", lambda: frozenset({"something", "else"}))
     assert cpu_native._name() != a and cpu_native._name().startswith("dam_cpu_attention_")
+
+
+def _block_lse_reference(k, cols, last, per, bn, out):
+    """float64 definition of the fused block score (same signature as the kernel's)."""
+    Bt, H, Nk, _ = k.shape
+    nkb, C = -(-Nk // bn), cols.shape[2]
+    s = k.double() @ cols.double().transpose(-1, -2)  # [Bt, H, Nk, C]
+    pad = torch.full((Bt, H, nkb * bn - Nk, C), float("-inf"), dtype=torch.float64)
+    lse = torch.logsumexp(torch.cat([s, pad], 2).view(Bt, H, nkb, bn, C), 3)
+    seen = torch.arange(nkb)[:, None] <= last[torch.arange(C) // per][None, :]
+    out.copy_(torch.where(seen, lse, torch.full_like(lse, float("-inf"))))
+
+
+@needs_kernel
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(1, 3, 1000, 64, 3, 16, 64), (2, 1, 333, 256, 4, 6, 64), (1, 2, 130, 40, 2, 9, 16)])
+def test_block_lse_equals_reference(built, shape):
+    from .helpers import lse_atol
+
+    B, H, Nk, D, per, nqb, bn = shape
+    g = torch.Generator().manual_seed(Nk)
+    k = torch.randn(B, H, Nk, D, generator=g).bfloat16()
+    cols = (torch.randn(B, H, nqb * per, D, generator=g) * 0.3).bfloat16()
+    last = torch.sort(torch.randint(0, -(-Nk // bn), (nqb,), generator=g)).values
+    got = torch.empty(B, H, -(-Nk // bn), nqb * per)
+    cpu_native._STATE.module.real.block_lse(k, cols, last, per, bn, got)
+    want = torch.empty(got.shape, dtype=torch.float64)
+    _block_lse_reference(k, cols, last, per, bn, want)
+    fin = torch.isfinite(want)
+    assert torch.equal(fin, torch.isfinite(got))
+    assert (got.double() - want)[fin].abs().max() <= lse_atol(want)
+
+
+@needs_kernel
+@pytest.mark.slow
+def test_planner_dynamic_scores_take_the_fused_kernel(built, monkeypatch):
+    """dynamic_indices on bf16 CPU tensors: the fused kernel's picks equal those of its float64
+    definition run through the same wiring (query-block-major columns, GQA groups, causal cut)."""
+    from dam.compiler import MaskProgram
+    from dam.runtime.planner import Planner, dynamic_indices
+
+    progs = [MaskProgram(sink=1, window=2, dynamic_fraction=0.2), MaskProgram(window=1, dynamic_fraction=0.5),
+             MaskProgram(sink=1), MaskProgram(dynamic_fraction=0.1)]
+    B, nq, nk = 16, 150, 230
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 4, nq, 64, generator=g).bfloat16()
+    k = torch.randn(2, 2, nk, 64, generator=g).bfloat16()
+    p = Planner(progs, B)
+    entry = p._static(nq, nk)
+    used = []
+    real = cpu_native.block_lse_fn
+    monkeypatch.setattr(cpu_native, "block_lse_fn", lambda kk: used.append(1) or real(kk))
+    got = dynamic_indices(p.table, entry.bias, entry.budget, q, k, None, None, B)
+    assert used == [1]
+    monkeypatch.setattr(cpu_native, "block_lse_fn", lambda kk: _block_lse_reference)
+    want = dynamic_indices(p.table, entry.bias, entry.budget, q, k, None, None, B)
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
