@@ -32,7 +32,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dam.kernels import BlockLayout, block_sparse_attention, block_sparse_decode, cpu_flex, cpu_native
+from dam.kernels import (
+    BlockLayout,
+    block_sparse_attention,
+    block_sparse_decode,
+    cpu_flex,
+    cpu_native,
+)
 from dam.kernels.cpu import attention_cpu
 from dam.kernels.synthetic import element_density, flex_block_mask, gqa_mask, realistic_mask
 from dam.runtime.eval.record import write_result

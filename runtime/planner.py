@@ -43,8 +43,7 @@ import torch
 
 from dam.compiler import MaskProgram
 from dam.compiler.ir import LAST_QUERY_QUERIES, check_block_size, check_fraction, check_positive_int
-from dam.kernels import BlockLayout
-from dam.kernels import cpu_native
+from dam.kernels import BlockLayout, cpu_native
 from dam.kernels.cpu import scratch
 from dam.kernels.scores import block_logsumexp
 
