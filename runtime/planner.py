@@ -270,7 +270,7 @@ def dynamic_indices(
     if fused is not None:  # DAM's CPU kernel: k . colsT and the block log-sum-exp in one pass
         last = torch.tensor([(Nk - Nq + min((a + 1) * B, Nq) - 1) // B for a in range(nqb)], dtype=torch.int64)
         parts = []
-        for h, local, sel in table.dynamic_groups(G):
+        for h, _local, sel in table.dynamic_groups(G):
             cols = qp[:, h] if sel is None else qp[:, h].index_select(1, sel)  # [Bt, nh, nqb, D]
             nh = cols.shape[1]
             cols = cols.transpose(1, 2).reshape(Bt, 1, nqb * nh, D)  # query-block major
