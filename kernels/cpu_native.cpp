@@ -322,7 +322,131 @@ void block_lse_impl(const at::Tensor& k, const at::Tensor& cols, const at::Tenso
   });
 }
 
+// The planner's last-query element scores (dam.runtime.estimate.last_query_scores): per query
+// head, the exact softmax of its last n queries (positions Nk - n + t) over their causal keys,
+// summed per key (vert[j] = sum_t p[t, j]) and per offset (slash[d] = sum_t p[t, i_t - d]). Two
+// passes over 512-key chunks (the products are recomputed rather than stored): the first keeps
+// each row's max and sum, the second adds the normalised probabilities into vert and, shifted by
+// n - 1 - t, into slash (u = Nk - 1 - d coordinates, flipped at the end). A task is (batch entry,
+// query head, half of the rows), each half into its own partial sums.
+void last_query_impl(const at::Tensor& qc, const at::Tensor& k, int64_t n, float scale, at::Tensor& vert,
+                     at::Tensor& slash) {
+  using T = at::BFloat16;
+  const int64_t B = k.size(0), H = k.size(1), Nk = k.size(2), D = k.size(3), G = qc.size(2) / n;
+  const int64_t CH = CHUNK_KEYS, nch = (Nk + CH - 1) / CH, NkP = nch * CH;
+  const T* qd = qc.data_ptr<T>();
+  const T* kd = k.data_ptr<T>();
+  const int64_t qsB = qc.stride(0), qsH = qc.stride(1), qsN = qc.stride(2);
+  const int64_t ksB = k.stride(0), ksH = k.stride(1), ksN = k.stride(2);
+  at::Tensor packed = at::empty({B * H * NkP * D}, k.options());
+  T* pd = packed.data_ptr<T>();
+  at::parallel_for(0, B * H * nch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / nch, j0 = (t % nch) * CH;
+      const T* src = kd + (bh / H) * ksB + (bh % H) * ksH;
+      T* dst = pd + bh * NkP * D;
+      for (int64_t j = j0; j < j0 + CH; ++j) {
+        const bool ok = j < Nk;
+        for (int64_t d2 = 0; d2 < D / 2; ++d2) {
+          dst[(d2 * NkP + j) * 2] = ok ? src[j * ksN + 2 * d2] : T(0);
+          dst[(d2 * NkP + j) * 2 + 1] = ok ? src[j * ksN + 2 * d2 + 1] : T(0);
+        }
+      }
+    }
+  });
+  const int64_t halves = n > 1 ? 2 : 1, tasks = B * H * G * halves;
+  // partial sums per task: [tasks, 2, Nk] (vert, slash in u coordinates)
+  std::vector<float> part(static_cast<size_t>(tasks * 2 * Nk));
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> S(static_cast<size_t>(n * CH)), mx(n), sm(n);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t half = t % halves, head = t / halves, bh = head / G, g = head % G;
+      const int64_t t0 = half * (n / 2), t1 = half + 1 == halves ? n : (n / 2) * (half + 1), rows = t1 - t0;
+      const T* A = qd + (bh / H) * qsB + (bh % H) * qsH + (g * n + t0) * qsN;
+      const T* Bk = pd + bh * NkP * D;
+      float* pv = part.data() + t * 2 * Nk;
+      float* ps = pv + Nk;
+      std::fill(pv, pv + 2 * Nk, 0.f);
+      for (int64_t r = 0; r < rows; ++r) {
+        mx[r] = NEG_INF;
+        sm[r] = 0.f;
+      }
+      for (int pass = 0; pass < 2; ++pass) {
+        for (int64_t c = 0; c < nch; ++c) {
+          const int64_t j0 = c * CH;
+          if (j0 > Nk - n + t1 - 1) break;  // no row of this task sees these keys
+          at::native::cpublas::brgemm(rows, CH, D, qsN, NkP, CH, false, A, Bk + j0 * 2, S.data(), true);
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t i = Nk - n + t0 + r;  // the row's query position: keys <= i
+            const int64_t nv = std::min<int64_t>(CH, i - j0 + 1);
+            if (nv <= 0) continue;
+            float* row = S.data() + r * CH;
+            if (pass == 0) {
+              const int64_t nv16 = nv & ~int64_t(15);
+              float m = nv16 ? row_max(row, nv16) : NEG_INF;
+              for (int64_t x = nv16; x < nv; ++x) m = std::max(m, row[x]);
+              const float m_new = std::max(mx[r], m * scale);
+              Vec acc(0.f);
+              int64_t x = 0;
+              for (; x + 16 <= nv; x += 16) acc = acc + (Vec::loadu(row + x) * Vec(scale) - Vec(m_new)).exp_u20();
+              float s = _mm512_reduce_add_ps(__m512(acc));
+              for (; x < nv; ++x) s += std::exp(row[x] * scale - m_new);
+              sm[r] = sm[r] * std::exp(mx[r] - m_new) + s;
+              mx[r] = m_new;
+            } else {
+              const float inv = 1.f / sm[r], m = mx[r];
+              float* vo = pv + j0;
+              float* so = ps + j0 + (n - 1 - (t0 + r));  // slash in u = j + n - 1 - t
+              int64_t x = 0;
+              for (; x + 16 <= nv; x += 16) {
+                Vec e = (Vec::loadu(row + x) * Vec(scale) - Vec(m)).exp_u20() * Vec(inv);
+                (Vec::loadu(vo + x) + e).store(vo + x);
+                (Vec::loadu(so + x) + e).store(so + x);
+              }
+              for (; x < nv; ++x) {
+                const float e = std::exp(row[x] * scale - m) * inv;
+                vo[x] += e;
+                so[x] += e;
+              }
+            }
+          }
+        }
+      }
+    }
+    at::native::cpublas::brgemm_release(true);
+  });
+  float* vd = vert.data_ptr<float>();
+  float* sd = slash.data_ptr<float>();
+  at::parallel_for(0, B * H * G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t head = begin; head < end; ++head) {
+      float* vo = vd + head * Nk;
+      float* so = sd + head * Nk;
+      for (int64_t j = 0; j < Nk; ++j) {
+        float v = 0.f, u = 0.f;
+        for (int64_t h = 0; h < halves; ++h) {
+          const float* pv = part.data() + (head * halves + h) * 2 * Nk;
+          v += pv[j];
+          u += pv[Nk + Nk - 1 - j];  // slash[d] = slash_u[Nk - 1 - d]
+        }
+        vo[j] = v;
+        so[j] = u;
+      }
+    }
+  });
+}
+
 }  // namespace
+
+// qc [B, H, G * n, D] bf16 (the last n queries of each head, head-major within a KV head), k
+// [B, H, Nk, D] bf16, the softmax scale -> vert, slash float32 contiguous [B, H, G, Nk].
+void last_query(at::Tensor qc, at::Tensor k, int64_t n, double scale, at::Tensor vert, at::Tensor slash) {
+  TORCH_CHECK(qc.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16, "bf16 inputs only");
+  TORCH_CHECK(qc.stride(3) == 1 && k.stride(3) == 1 && k.size(3) % 2 == 0, "contiguous even last dim");
+  TORCH_CHECK(vert.is_contiguous() && slash.is_contiguous() && vert.scalar_type() == at::kFloat &&
+                  slash.scalar_type() == at::kFloat, "outputs must be contiguous float32");
+  TORCH_CHECK(n >= 1 && n <= k.size(2) && qc.size(2) % n == 0, "bad n");
+  last_query_impl(qc, k, n, static_cast<float>(scale), vert, slash);
+}
 
 // k [B, H, Nk, D] and cols [B, H, C, D] bf16 (last dim contiguous), last int64 [C / per] (the
 // last key block each query block sees, ascending) -> out float32 contiguous [B, H, nkb, C].
@@ -361,4 +485,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend", &attend, "DAM block-sparse prefill (CPU, 16-bit, AMX)");
   m.def("available", &available, "whether brgemm can pack this dtype here");
   m.def("block_lse", &block_lse, "the planner's fused dynamic block score (CPU, bf16, AMX)");
+  m.def("last_query", &last_query, "the planner's last-query element scores (CPU, bf16, AMX)");
 }

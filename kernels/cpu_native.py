@@ -160,6 +160,14 @@ def block_lse_fn(k: torch.Tensor):
     return _STATE.module.block_lse
 
 
+def last_query_fn(k: torch.Tensor):
+    """The fused last-query element scores of :func:`dam.runtime.estimate.last_query_scores`
+    (exact softmax of the last queries, summed per key and per offset, in fp32), under the
+    conditions of :func:`block_lse_fn`; else None."""
+    fn = block_lse_fn(k)
+    return None if fn is None else _STATE.module.last_query
+
+
 def try_attention(q, k, v, layout: BlockLayout, *, causal: bool, scale: float, out: torch.Tensor,
                   lse: torch.Tensor | None) -> bool:
     """Run prefill through the kernel into ``out`` (and ``lse``) when it is built (True);
@@ -200,4 +208,4 @@ def try_attention(q, k, v, layout: BlockLayout, *, causal: bool, scale: float, o
     return True
 
 
-__all__ = ["BUILD_FROM_KEYS", "SOURCE", "block_lse_fn", "mode", "state", "try_attention", "unsupported", "usable"]
+__all__ = ["BUILD_FROM_KEYS", "SOURCE", "block_lse_fn", "last_query_fn", "mode", "state", "try_attention", "unsupported", "usable"]

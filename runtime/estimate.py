@@ -43,6 +43,7 @@ from typing import NamedTuple
 
 import torch
 
+from dam.kernels import cpu_native
 from dam.kernels.cpu import scratch
 
 from .errors import DamRuntimeError
@@ -85,6 +86,13 @@ def last_query_scores(
     n = min(int(last_q), Nq)
     heads = heads.tolist() if isinstance(heads, torch.Tensor) else list(heads)
     groups = sorted({h // G for h in heads})
+    hs = torch.tensor(heads, device=q.device)
+    fused = cpu_native.last_query_fn(k)
+    if fused is not None:  # DAM's CPU kernel: both sums fused over the keys, scores in fp32
+        vert = torch.empty((Bt, Hkv, G, Nk), dtype=torch.float32)
+        slash = torch.empty_like(vert)
+        fused(q[:, :, Nq - n:].reshape(Bt, Hkv, G * n, D).contiguous(), k, n, float(scale), vert, slash)
+        return (vert.view(Bt, Hkv * G, Nk).index_select(1, hs), slash.view(Bt, Hkv * G, Nk).index_select(1, hs))
     # row g * n + t: query t of head hkv * G + g; the scale folded into these few queries
     cols = (q[:, :, Nq - n:] * scale).reshape(Bt, Hkv, G * n, D)
     # causal: key Nk - n + r lies after last query t when r > t
@@ -123,7 +131,6 @@ def last_query_scores(
         idx = slice(None) if g is None else g
         vert[:, idx] = p.sum(-2)
         slash[:, idx] = sl.flip(-1)
-    hs = torch.tensor(heads, device=q.device)
     return (vert.view(Bt, Hkv * G, Nk).index_select(1, hs), slash.view(Bt, Hkv * G, Nk).index_select(1, hs))
 
 

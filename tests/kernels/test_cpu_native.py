@@ -42,7 +42,7 @@ def built(monkeypatch):
     class Counting:
         def __init__(self):
             self.real = real
-            self.block_lse = real.block_lse
+            self.block_lse, self.last_query = real.block_lse, real.last_query
 
         def attend(self, *a):
             calls.append(a)
@@ -274,3 +274,29 @@ def test_planner_dynamic_scores_take_the_fused_kernel(built, monkeypatch):
     monkeypatch.setattr(cpu_native, "block_lse_fn", lambda kk: _block_lse_reference)
     want = dynamic_indices(p.table, entry.bias, entry.budget, q, k, None, None, B)
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+
+
+@needs_kernel
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(1, 9, 3, 700, 700, 64, 64), (2, 4, 1, 300, 900, 256, 16), (1, 2, 2, 33, 33, 40, 5),
+                                   (1, 2, 1, 1, 50, 64, 1)])
+def test_last_query_scores_take_the_fused_kernel(built, monkeypatch, shape):
+    """The estimate's element scores on bf16 CPU tensors come from the kernel and equal the
+    planner's own ops run in float64 on the same inputs (GQA, MQA, chunked prefill, odd D, n = 1)."""
+    from dam.runtime import estimate
+
+    Bt, Hq, Hkv, Nq, Nk, D, n = shape
+    g = torch.Generator().manual_seed(Nk)
+    q = torch.randn(Bt, Hq, Nq, D, generator=g).bfloat16()
+    k = torch.randn(Bt, Hkv, Nk, D, generator=g).bfloat16()
+    heads = list(range(0, Hq, 2)) if Hq > 2 else list(range(Hq))
+    used = []
+    real = cpu_native.last_query_fn
+    monkeypatch.setattr(cpu_native, "last_query_fn", lambda kk: used.append(1) or real(kk))
+    vert, slash = estimate.last_query_scores(q, k, heads, n, D ** -0.5)
+    assert used == [1]
+    monkeypatch.setattr(cpu_native, "last_query_fn", lambda kk: None)
+    v64, s64 = estimate.last_query_scores(q.double(), k.double(), heads, n, D ** -0.5)
+    # probabilities in [0, 1] summed over n rows, from fp32 scores: a few fp32 eps per term
+    tol = 64 * torch.finfo(torch.float32).eps * n
+    assert (vert.double() - v64).abs().max() <= tol and (slash.double() - s64).abs().max() <= tol
