@@ -57,7 +57,7 @@ DECODE_MODES = ("auto", "sparse", "dense")
 #: AMX, dense_rule_smollm2-135m_bfloat16_aten.json; and fp16, which no compiled kernel takes). CPU
 #: fp32: dense_rule_smollm2-135m_float32.json (sparse lost at every density up to 4K). Elsewhere
 #: not measured: never dense.
-_CPU_16BIT_RULE = ((4096, 0.488), (8192, 0.579), (16384, 0.697))
+_CPU_16BIT_RULE = ((2048, 0.0), (4096, 0.52), (8192, 0.656), (16384, 0.574))
 _CPU_16BIT_ATEN_RULE = ((4096, 0.447), (8192, 0.557), (16384, 0.679))
 DENSE_ABOVE: dict[tuple[str, torch.dtype | None], float | tuple[tuple[int, float], ...]] = {
     ("cpu", torch.bfloat16): _CPU_16BIT_RULE,
