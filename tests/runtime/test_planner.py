@@ -149,7 +149,8 @@ def test_planner_caches_static_part_per_length():
     assert p.plan(50, 80) is a  # static-only layer: the layout itself is cached
     p.plan(10, 80)
     p.plan(20, 80)
-    assert p.plan(50, 80) is not a  # evicted (LRU of 2)
+    assert (50, 80) not in p._cache  # evicted from the planner's own LRU of 2 ...
+    assert p.plan(50, 80) is a  # ... and found again in the process-wide one, not recomputed
 
 
 def test_mask_to_layout_roundtrip_and_bound():
@@ -271,3 +272,20 @@ def test_cached_plan_makes_no_host_sync_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(got.kv_indices, want.kv_indices) and torch.equal(got.kv_counts, want.kv_counts)
+
+
+def test_static_part_is_shared_by_planners_of_the_same_programs():
+    """A new planner of the same programs (a new handle of the same artifact) reuses the static
+    part; other programs, block sizes or estimate settings never do."""
+    from dam.runtime.planner import Planner
+
+    progs = [MaskProgram(sink=1, window=2), MaskProgram(window=5, dynamic_fraction=0.2)]
+    a, b = Planner(progs, 16), Planner(list(progs), 16)
+    assert a._static(100, 130) is b._static(100, 130)
+    for other in (Planner([MaskProgram(sink=1, window=3), progs[1]], 16), Planner(progs, 32),
+                  Planner(progs, 16, last_query=0.1)):
+        got = other._static(100, 130)
+        assert got is not a._static(100, 130)
+    layout = Planner([MaskProgram(sink=1, window=3), progs[1]], 16)._static(100, 130).layout
+    ref = plan([MaskProgram(sink=1, window=3), MaskProgram(window=5)], 100, 130, 16)
+    assert torch.equal(layout.block_mask(-(-130 // 16))[:, :1], ref.block_mask(-(-130 // 16))[:, :1])
