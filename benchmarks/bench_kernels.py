@@ -230,7 +230,8 @@ def plot(result: dict, path: Path) -> None:
     ax2.set(xlabel="kept fraction of causal attention", ylabel="time / dense causal SDPA",
             title=f"density sweep at N={n_sweep // 1024}K" + _shape_label(rows[0]))
     ax2.legend()
-    fig.suptitle(f"{result['figure_kind']} - {result['device']}")
+    meta = result.get("meta", result)  # write_result keeps them in the record's meta
+    fig.suptitle(f"{meta.get('figure_kind', 'CPU figure')} - {meta.get('device', 'cpu')}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
