@@ -120,13 +120,10 @@ def last_query_scores(
         # reads the tail of row t - 1, whose keys lie after query t - 1 (exact zeros of the
         # softmax), so rows t >= 1 need no padding; row 0 (whose previous row is another head's
         # last query, or nothing) is added from its own slice
-        h = p.shape[1]
-        sl = torch.zeros((Bt, h, G, Nk), dtype=torch.float32, device=q.device)
-        if n > 1:
-            st = p.stride()
-            diag = p.as_strided((Bt, h, G, n - 1, Nk), (st[0], st[1], st[2], Nk + 1, 1),
-                                p.storage_offset() + Nk + 1 - (n - 1))
-            torch.sum(diag, -2, out=sl)
+        st = p.stride()
+        diag = p.as_strided((Bt, p.shape[1], G, n - 1, Nk), (st[0], st[1], st[2], Nk + 1, 1),
+                            p.storage_offset() + Nk + 1 - (n - 1))
+        sl = diag.sum(-2)  # rows t >= 1 (zeros when n == 1)
         sl[..., n - 1:] += p[..., 0, :Nk - n + 1]
         idx = slice(None) if g is None else g
         vert[:, idx] = p.sum(-2)

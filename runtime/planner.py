@@ -268,24 +268,44 @@ def dynamic_indices(
         kbias = torch.zeros((Bt, 1, Nk, 1), dtype=torch.float32, device=k.device)
         kbias.masked_fill_(past[:, None, :, None], float("-inf"))
     fused = cpu_native.block_lse_fn(k) if q_lens is None and kv_lens is None else None
-    if fused is not None:  # DAM's CPU kernel: k . colsT and the block log-sum-exp in one pass
-        last = torch.tensor([(Nk - Nq + min((a + 1) * B, Nq) - 1) // B for a in range(nqb)], dtype=torch.int64)
-        parts = []
-        for h, _local, sel in table.dynamic_groups(G):
-            cols = qp[:, h] if sel is None else qp[:, h].index_select(1, sel)  # [Bt, nh, nqb, D]
-            nh = cols.shape[1]
-            cols = cols.transpose(1, 2).reshape(Bt, 1, nqb * nh, D)  # query-block major
-            lse = torch.empty((Bt, 1, nkb, nqb * nh), dtype=torch.float32)
-            fused(k[:, h:h + 1], cols, last, nh, B, lse)
-            parts.append(lse.view(Bt, nkb, nqb, nh).permute(0, 3, 2, 1))
-        score = torch.cat(parts, 1) + bias
-        kmax = _dynamic_width(table, nkb)
-        vals, idx = score.topk(kmax, dim=-1)
-        keep = (torch.arange(kmax, device=q.device) < budget.unsqueeze(-1)) & torch.isfinite(vals)
-        return torch.where(keep, idx, torch.full_like(idx, -1))
-    score = torch.full((Bt, Hd, nqb, nkb), float("-inf"), dtype=torch.float32, device=q.device)
-    # query blocks in chunks of at most max_elements scores; a chunk scores only the keys its
-    # queries can see (all rows alike: the last Nq of Nk positions; padded rows: every key)
+    if fused is not None:
+        score = _fused_scores(fused, table, qp, k, Nq, B, nkb)
+    else:
+        score = _chunked_scores(table, qp, k, q_lens, kbias, Bt, Hd, Nq, B, nkb, max_elements)
+    score = score + bias
+    kmax = _dynamic_width(table, nkb)
+    vals, idx = score.topk(kmax, dim=-1)
+    keep = (torch.arange(kmax, device=q.device) < budget.unsqueeze(-1)) & torch.isfinite(vals)
+    return torch.where(keep, idx, torch.full_like(idx, -1))
+
+
+def _fused_scores(fused, table: ProgramTable, qp: torch.Tensor, k: torch.Tensor, Nq: int, B: int,
+                  nkb: int) -> torch.Tensor:
+    """The block scores ``[Bt, Hd, nqb, nkb]`` from DAM's CPU kernel (``k · colsᵀ`` and the block
+    log-sum-exp in one pass; every row holds the last Nq of Nk positions), ``-inf`` past each
+    query block's causal keys."""
+    Bt, _, _, nqb, D = qp.shape
+    Nk = k.shape[2]
+    last = (Nk - Nq + torch.clamp((torch.arange(nqb) + 1) * B, max=Nq) - 1) // B  # last KV block seen
+    parts = []
+    for h, _local, sel in table.dynamic_groups(qp.shape[2]):
+        cols = qp[:, h] if sel is None else qp[:, h].index_select(1, sel)  # [Bt, nh, nqb, D]
+        nh = cols.shape[1]
+        cols = cols.transpose(1, 2).reshape(Bt, 1, nqb * nh, D)  # query-block major
+        lse = torch.empty((Bt, 1, nkb, nqb * nh), dtype=torch.float32)
+        fused(k[:, h:h + 1], cols, last, nh, B, lse)
+        parts.append(lse.view(Bt, nkb, nqb, nh).permute(0, 3, 2, 1))
+    return torch.cat(parts, 1)
+
+
+def _chunked_scores(table: ProgramTable, qp: torch.Tensor, k: torch.Tensor, q_lens, kbias, Bt: int, Hd: int,
+                    Nq: int, B: int, nkb: int, max_elements: int) -> torch.Tensor:
+    """The block scores ``[Bt, Hd, nqb, nkb]`` from ATen ops: query blocks in chunks of at most
+    ``max_elements`` scores; a chunk scores only the keys its queries can see (all rows alike:
+    the last Nq of Nk positions; padded rows: every key)."""
+    _, _, G, nqb, D = qp.shape
+    Nk = k.shape[2]
+    score = torch.full((Bt, Hd, nqb, nkb), float("-inf"), dtype=torch.float32, device=qp.device)
     off = Nk - Nq if q_lens is None else 0
     c0 = 0
     while c0 < nqb:
@@ -303,11 +323,7 @@ def dynamic_indices(
             score[:, row:row + len(local), c0:c1, :lse.shape[-1]] = lse
             row += len(local)
         c0 = c1
-    score = score + bias
-    kmax = _dynamic_width(table, nkb)
-    vals, idx = score.topk(kmax, dim=-1)
-    keep = (torch.arange(kmax, device=q.device) < budget.unsqueeze(-1)) & torch.isfinite(vals)
-    return torch.where(keep, idx, torch.full_like(idx, -1))
+    return score
 
 
 def _seen(off: int, c1: int, B: int, Nk: int, q_lens) -> int:
