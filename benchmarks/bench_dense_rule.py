@@ -52,6 +52,21 @@ def capture(model, artifact, ids) -> dict[int, tuple]:
     return caps
 
 
+def fit_break_even(n: int, rows: list[dict]) -> dict:
+    """A length's record: its per-layer ``rows`` (``bound``, ``ratio`` = sparse / dense), the
+    least-squares line of ratio against bound and the bound where it crosses 1."""
+    xs = [r["bound"] for r in rows]
+    ys = [r["ratio"] for r in rows]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
+    icpt = my - slope * mx
+    even = (1.0 - icpt) / slope if slope > 0 else None
+    log.info("N=%d: sparse/dense ~ %.3f + %.3f * bound -> break-even bound %s", n, icpt, slope,
+             "none" if even is None else f"{even:.3f}")
+    return {"length": n, "layers": rows, "fit": {"intercept": icpt, "slope": slope}, "break_even_bound": even}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -98,17 +113,7 @@ def main() -> None:
                          "ratio": med["sparse"] / med["dense"]})
             log.info("N=%d layer %2d bound %.3f: dense %.1f ms sparse %.1f ms (%.2f)", n, layer, bound,
                      med["dense"] * 1e3, med["sparse"] * 1e3, med["sparse"] / med["dense"])
-        xs = [r["bound"] for r in rows]
-        ys = [r["ratio"] for r in rows]
-        mx, my = statistics.fmean(xs), statistics.fmean(ys)
-        sxx = sum((x - mx) ** 2 for x in xs)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
-        icpt = my - slope * mx
-        even = (1.0 - icpt) / slope if slope > 0 else None
-        results.append({"length": n, "layers": rows, "fit": {"intercept": icpt, "slope": slope},
-                        "break_even_bound": even})
-        log.info("N=%d: sparse/dense ~ %.3f + %.3f * bound -> break-even bound %s", n, icpt, slope,
-                 "none" if even is None else f"{even:.3f}")
+        results.append(fit_break_even(n, rows))
     out = args.out or ROOT / "benchmarks" / "results" / f"dense_rule_{args.model}_{args.dtype}.json"
     write_result(out, {"results": results, "model": args.model, "artifact": str(args.artifact), "rounds": args.rounds,
                        "cpu_kernel": {"flex_mode": cpu_flex.mode(), "flex_ready": cpu_flex.ready_signatures(),

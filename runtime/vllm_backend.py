@@ -55,14 +55,15 @@ def artifact_path(additional_config) -> str | None:
 
 def runtime_config(additional_config) -> RuntimeConfig:
     """DAM's run-time settings from ``additional_config``: ``dam_min_length`` (prompts shorter
-    run vLLM's kernel) and ``dam_dense_above`` (the dense rule's break-even; default measured)."""
+    run vLLM's kernel) and ``dam_dense_above`` (the dense rule's break-even; default: the one
+    measured against vLLM's own kernel)."""
     cfg = additional_config if isinstance(additional_config, dict) else {}
     kw = {}
     if "dam_min_length" in cfg:
         kw["min_length"] = int(cfg["dam_min_length"])
     if "dam_dense_above" in cfg:
         kw["dense_above"] = float(cfg["dam_dense_above"])
-    return RuntimeConfig(backend="cpu", **kw)
+    return RuntimeConfig(backend="cpu", dense_kernel="vllm", **kw)
 
 
 def _handle(vllm_config, num_heads: int) -> DamHandle | None:

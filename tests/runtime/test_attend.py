@@ -204,6 +204,26 @@ def test_dense_rule_default_threshold_by_device_dtype_and_kernel(monkeypatch, ke
             RuntimeConfig(dense_above=bad)
 
 
+def test_dense_rule_against_vllms_kernel(monkeypatch):
+    """``dense_kernel="vllm"`` takes the break-even measured against vLLM's kernel where one is
+    recorded (CPU bf16 with the compiled kernel), else the device's own; an explicit
+    ``dense_above`` still wins; an unknown kernel is refused."""
+    from dam.kernels import cpu_flex
+    from dam.runtime.integration import DENSE_ABOVE, _threshold_at
+
+    monkeypatch.setattr(cpu_flex, "attention_mode", lambda: "background")
+    cpu = torch.device("cpu")
+    vl, sd = RuntimeConfig(dense_kernel="vllm"), RuntimeConfig()
+    assert DENSE_ABOVE[("cpu:vllm", torch.bfloat16)] != DENSE_ABOVE[("cpu", torch.bfloat16)]
+    for n in (2048, 4096, 8100):
+        assert vl.dense_threshold(cpu, torch.bfloat16, n) == _threshold_at(DENSE_ABOVE[("cpu:vllm", torch.bfloat16)], n)
+    assert vl.dense_threshold(cpu, torch.float16, 8192) == sd.dense_threshold(cpu, torch.float16, 8192)  # none: ATen's
+    assert vl.dense_threshold(cpu, torch.float32, 8192) == sd.dense_threshold(cpu, torch.float32, 8192)
+    assert RuntimeConfig(dense_kernel="vllm", dense_above=0.3).dense_threshold(cpu, torch.bfloat16, 8192) == 0.3
+    with pytest.raises(Exception, match="dense_kernel"):
+        RuntimeConfig(dense_kernel="flash")
+
+
 def test_dense_rule_in_padded_batches(monkeypatch):
     """A padded batch applies the dense rule per row, as each row would alone: every row above
     the threshold -> masked dense SDPA for the batch, nothing planned; rows on both sides -> each

@@ -71,6 +71,20 @@ def test_plugin_overrides_the_cpu_backend():
     assert AttentionBackendEnum.CPU_ATTN.get_path() == BACKEND
 
 
+def test_runtime_config_from_additional_config():
+    """The backend's settings: the dense rule measured against vLLM's kernel unless
+    ``dam_dense_above`` says otherwise; ``dam_min_length`` read; a bad value refused."""
+    from dam.runtime.vllm_backend import artifact_path, runtime_config
+
+    cfg = runtime_config({"dam_min_length": 2048})
+    assert cfg.backend == "cpu" and cfg.dense_kernel == "vllm" and cfg.min_length == 2048 and cfg.dense_above is None
+    assert runtime_config({"dam_dense_above": 0.5}).dense_above == 0.5
+    assert runtime_config(None).dense_kernel == "vllm"
+    with pytest.raises(Exception, match="dense_above"):
+        runtime_config({"dam_dense_above": 2.0})
+    assert artifact_path({"dam_artifact": "a.dam.safetensors"}) == "a.dam.safetensors"
+
+
 def test_dense_artifact_is_exactly_vllm_and_a_wrong_one_refuses(smollm2, tmp_path):
     model, tok, mdir = smollm2
     prompts = [_prompt(tok, 1500), _prompt(tok, 300, start=1)]
