@@ -29,6 +29,7 @@ from dam.kernels import cpu_flex, cpu_native
 from dam.profiler import load_model, parse_length
 from dam.profiler.data import calibration_samples
 from dam.runtime import DamHandle, RuntimeConfig, _kernels
+from dam.runtime.eval.bench import fit_break_even
 from dam.runtime.eval.record import write_result
 
 log = logging.getLogger("bench_dense_rule")
@@ -50,21 +51,6 @@ def capture(model, artifact, ids) -> dict[int, tuple]:
         with torch.no_grad():
             model(ids, use_cache=False)
     return caps
-
-
-def fit_break_even(n: int, rows: list[dict]) -> dict:
-    """A length's record: its per-layer ``rows`` (``bound``, ``ratio`` = sparse / dense), the
-    least-squares line of ratio against bound and the bound where it crosses 1."""
-    xs = [r["bound"] for r in rows]
-    ys = [r["ratio"] for r in rows]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
-    icpt = my - slope * mx
-    even = (1.0 - icpt) / slope if slope > 0 else None
-    log.info("N=%d: sparse/dense ~ %.3f + %.3f * bound -> break-even bound %s", n, icpt, slope,
-             "none" if even is None else f"{even:.3f}")
-    return {"length": n, "layers": rows, "fit": {"intercept": icpt, "slope": slope}, "break_even_bound": even}
 
 
 def main() -> None:

@@ -44,7 +44,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--artifact", type=Path, default=ROOT / "artifacts" / "smollm2-135m.dam.safetensors")
     ap.add_argument("--lengths", default="2k,4k,8100", help="prompt lengths (within the model's context)")
-    ap.add_argument("--rounds", type=int, default=3, help="prompts per length (one timing per layer each)")
+    ap.add_argument("--rounds", type=int, default=3, help="steps per length (one timing per layer each)")
+    ap.add_argument("--batch", type=int, default=1, help="prompts of the length prefilled in one step")
     ap.add_argument("--bind", default=None, help="comma-separated cores the worker's threads run on "
                     "(default: a served worker's)")
     ap.add_argument("--data", default="builtin:stdlib", help="held-out text (not the calibration data)")
@@ -58,7 +59,6 @@ def main() -> None:
     os.environ.setdefault("DAM_CPU_FLEX", "sync")  # the compiled kernel builds before any timing
 
     import torch
-    from bench_dense_rule import fit_break_even
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
@@ -70,6 +70,7 @@ def main() -> None:
     from dam.profiler.data import calibration_samples
     from dam.profiler.models import converted_dir
     from dam.runtime import DamHandle, RuntimeConfig
+    from dam.runtime.eval.bench import fit_break_even
     from dam.runtime.eval.record import write_result
 
     art = load_artifact(args.artifact)
@@ -79,25 +80,26 @@ def main() -> None:
 
     def forward(self, layer, query, key, value, kv_cache, md, output, *a, **kw):
         reqs = getattr(md, "dam_requests", ())
-        if self._dam is None or len(reqs) != 1 or key is None:
+        if self._dam is None or not reqs or key is None:
             return CPUAttentionBackendImpl.forward(self, layer, query, key, value, kv_cache, md, output, *a, **kw)
         if self._layer is None:
             from vllm.model_executor.models.utils import extract_layer_index
 
             self._layer = extract_layer_index(layer.layer_name)
-        (q0, q1), = reqs
         t = time.perf_counter()
         CPUAttentionBackendImpl.forward(self, layer, query, key, value, kv_cache, md, output, *a, **kw)
         t_vllm = time.perf_counter() - t
         if not probe._all_dense[self._layer]:
             t = time.perf_counter()
-            q = query[q0:q1].transpose(0, 1).unsqueeze(0)
-            k = key[q0:q1].transpose(0, 1).unsqueeze(0)
-            v = value[q0:q1].transpose(0, 1).unsqueeze(0)
-            out = probe.attend(self._layer, q, k, v, self.scale)
-            output[q0:q1].copy_(out[0].transpose(0, 1))
+            for q0, q1 in reqs:  # as the backend: each request's own rows
+                q = query[q0:q1].transpose(0, 1).unsqueeze(0)
+                k = key[q0:q1].transpose(0, 1).unsqueeze(0)
+                v = value[q0:q1].transpose(0, 1).unsqueeze(0)
+                out = probe.attend(self._layer, q, k, v, self.scale)
+                output[q0:q1].copy_(out[0].transpose(0, 1))
             t_dam = time.perf_counter() - t
-            bound = probe.planner(self._layer, query.device).density_bound(q1 - q0, q1 - q0)
+            n = reqs[0][1] - reqs[0][0]
+            bound = probe.planner(self._layer, query.device).density_bound(n, n)
             samples.setdefault(self._layer, []).append((bound, t_vllm, t_dam))
         threads.append(torch.get_num_threads())
         return output
@@ -107,16 +109,17 @@ def main() -> None:
     lengths = [parse_length(x) for x in args.lengths.split(",")]
     longest = max(lengths)
     engine = dict(dtype="bfloat16", enforce_eager=True, max_model_len=min(8192, longest + 64), seed=0,
-                  enable_prefix_caching=False, enable_chunked_prefill=False, max_num_batched_tokens=longest + 64,
-                  max_num_seqs=1, gpu_memory_utilization=0.2)
+                  enable_prefix_caching=False, enable_chunked_prefill=False,
+                  max_num_batched_tokens=(longest + 64) * args.batch, max_num_seqs=args.batch,
+                  gpu_memory_utilization=0.3)
     llm = LLM(model=str(converted_dir(args.model)), additional_config={"dam_artifact": str(args.artifact),
               "dam_min_length": 1}, **engine)
     sp = SamplingParams(temperature=0.0, max_tokens=1)
     results = []
     for n in lengths:
         def run(start: int, n: int = n) -> None:
-            ids = calibration_samples(args.data, tok, n, 1, seed=123, start=start)
-            llm.generate([TokensPrompt(prompt_token_ids=ids[0].tolist())], sp, use_tqdm=False)
+            ids = calibration_samples(args.data, tok, n, args.batch, seed=123, start=start * args.batch)
+            llm.generate([TokensPrompt(prompt_token_ids=r.tolist()) for r in ids], sp, use_tqdm=False)
 
         run(0)  # warm: the length's static plans, the compiled kernel
         samples.clear()
@@ -135,6 +138,7 @@ def main() -> None:
     import vllm
 
     write_result(out, {"results": results, "model": args.model, "artifact": str(args.artifact), "rounds": args.rounds,
+                       "batch": args.batch,
                        "dense_kernel": "vllm cpu_attention_with_kv_cache", "cpu_kernel": {"native": cpu_native.state()}},
                  dtype="bfloat16", device="cpu", vllm=vllm.__version__, threads=max(threads, default=0),
                  bind=bind, engine=engine)

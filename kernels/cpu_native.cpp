@@ -437,6 +437,94 @@ void last_query_impl(const at::Tensor& qc, const at::Tensor& k, int64_t n, float
 
 }  // namespace
 
+// The estimate's block choice (dam.runtime.estimate.select_blocks), per (batch entry, head):
+// tau[a, b] = the least negated score among block (a, b)'s verticals (keys of KV block b up to
+// the query block's last position i1: a block-prefix minimum) and slashes (offsets
+// [max(i0 - bB - B + 1, 0), i1 - bB]: a sliding minimum of width i1 - i0 + B ending at i1 - bB);
+// cut = the (budget + 1)-th least tau among the free blocks (causal, not in cur), +inf when fewer;
+// out = (tau < cut) & causal. Host work of O(Nk + nqb * nkb) per head.
+void select_impl(const at::Tensor& vert, const at::Tensor& slash, const at::Tensor& cur, const at::Tensor& budget,
+                 int64_t Nq, int64_t B, at::Tensor& out) {
+  const int64_t BH = vert.size(0) * vert.size(1), Nk = vert.size(2);
+  const int64_t nqb = cur.size(2), nkb = cur.size(3), off = Nk - Nq;
+  const float* vd = vert.data_ptr<float>();
+  const float* sd = slash.data_ptr<float>();
+  const bool* cd = cur.data_ptr<bool>();
+  const int64_t* bd = budget.data_ptr<int64_t>();
+  bool* od = out.data_ptr<bool>();
+  const float inf = std::numeric_limits<float>::infinity();
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> vpre(Nk), pre(Nk), suf(Nk), smin_full(Nk), smin_last(Nk), tau(nqb * nkb), fr;
+    fr.reserve(nqb * nkb);
+    // sliding minima of width w of x = -slash: min(x[max(e - w + 1, 0) .. e]) (blocks of w:
+    // prefix and suffix minima, a window spans at most two)
+    auto sliding = [&](const float* s, int64_t w, float* o) {
+      for (int64_t j = 0; j < Nk; ++j) pre[j] = (j % w == 0) ? -s[j] : std::min(pre[j - 1], -s[j]);
+      for (int64_t j = Nk - 1; j >= 0; --j)
+        suf[j] = (j % w == w - 1 || j == Nk - 1) ? -s[j] : std::min(suf[j + 1], -s[j]);
+      for (int64_t e = 0; e < Nk; ++e) {
+        const int64_t st = e - w + 1;
+        o[e] = (st <= 0 || st % w == 0) ? pre[e] : std::min(suf[st], pre[e]);
+      }
+    };
+    for (int64_t t = begin; t < end; ++t) {
+      const float* v = vd + t * Nk;
+      const float* s = sd + t * Nk;
+      for (int64_t j = 0; j < Nk; ++j) vpre[j] = (j % B == 0) ? -v[j] : std::min(vpre[j - 1], -v[j]);
+      const int64_t rows_last = Nq - (nqb - 1) * B;  // the last query block's rows
+      sliding(s, 2 * B - 1, smin_full.data());
+      if (rows_last != B) sliding(s, rows_last + B - 1, smin_last.data());
+      const bool* c = cd + t * nqb * nkb;
+      fr.clear();
+      for (int64_t a = 0; a < nqb; ++a) {
+        const int64_t i1 = off + std::min((a + 1) * B, Nq) - 1;
+        const float* sm = (a == nqb - 1 && rows_last != B) ? smin_last.data() : smin_full.data();
+        for (int64_t b = 0; b < nkb; ++b) {
+          const int64_t b0 = b * B;
+          if (b0 > i1) {
+            tau[a * nkb + b] = inf;  // not causal: never chosen
+            continue;
+          }
+          const float x = std::min(vpre[b0 + std::min(i1 - b0, B - 1)], sm[std::min(i1 - b0, Nk - 1)]);
+          tau[a * nkb + b] = x;
+          if (!c[a * nkb + b]) fr.push_back(x);
+        }
+      }
+      const int64_t k = bd[t];
+      float cut = inf;
+      if (k >= 0 && k < static_cast<int64_t>(fr.size())) {
+        std::nth_element(fr.begin(), fr.begin() + k, fr.end());
+        cut = fr[k];
+      }
+      bool* o = od + t * nqb * nkb;
+      for (int64_t a = 0; a < nqb; ++a) {
+        const int64_t i1 = off + std::min((a + 1) * B, Nq) - 1;
+        for (int64_t b = 0; b < nkb; ++b) o[a * nkb + b] = b * B <= i1 && tau[a * nkb + b] < cut;
+      }
+    }
+  });
+}
+
+// A bool mask [R, nkb] (contiguous) -> the first W kept blocks of each row, ascending and -1
+// padded (idx int32 [R, W]), and min(kept, W) (cnt int32 [R]).
+void mask_layout_impl(const at::Tensor& mask, at::Tensor& idx, at::Tensor& cnt) {
+  const int64_t R = idx.size(0), W = idx.size(1), nkb = mask.size(1);
+  const bool* md = mask.data_ptr<bool>();
+  int32_t* id = idx.data_ptr<int32_t>();
+  int32_t* cd = cnt.data_ptr<int32_t>();
+  at::parallel_for(0, R, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const bool* m = md + r * nkb;
+      int32_t* o = id + r * W;
+      int64_t n = 0;
+      for (int64_t j = 0; j < nkb && n < W; ++j)
+        if (m[j]) o[n++] = static_cast<int32_t>(j);
+      cd[r] = static_cast<int32_t>(n);
+      for (int64_t j = n; j < W; ++j) o[j] = -1;
+    }
+  });
+}
+
 // qc [B, H, G * n, D] bf16 (the last n queries of each head, head-major within a KV head), k
 // [B, H, Nk, D] bf16, the softmax scale -> vert, slash float32 contiguous [B, H, G, Nk].
 void last_query(at::Tensor qc, at::Tensor k, int64_t n, double scale, at::Tensor vert, at::Tensor slash) {
@@ -479,6 +567,32 @@ void attend(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor idx, at::Tensor
   }
 }
 
+// vert, slash float32 contiguous [Bt, He, Nk], cur bool contiguous [Bt, He, nqb, nkb], budget
+// int64 contiguous [Bt, He] -> out bool contiguous [Bt, He, nqb, nkb].
+void select_blocks(at::Tensor vert, at::Tensor slash, at::Tensor cur, at::Tensor budget, int64_t q_len,
+                   int64_t block, at::Tensor out) {
+  TORCH_CHECK(vert.is_contiguous() && slash.is_contiguous() && vert.scalar_type() == at::kFloat &&
+                  slash.scalar_type() == at::kFloat && vert.sizes() == slash.sizes() && vert.dim() == 3,
+              "vert/slash must be contiguous float32 [Bt, He, Nk] alike");
+  TORCH_CHECK(cur.is_contiguous() && cur.scalar_type() == at::kBool && cur.dim() == 4 &&
+                  cur.size(0) == vert.size(0) && cur.size(1) == vert.size(1), "cur must be contiguous bool [Bt, He, nqb, nkb]");
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kBool && out.sizes() == cur.sizes(), "bad out");
+  TORCH_CHECK(budget.is_contiguous() && budget.scalar_type() == at::kLong && budget.numel() == vert.size(0) * vert.size(1),
+              "budget must be contiguous int64 [Bt, He]");
+  TORCH_CHECK(block >= 1 && q_len >= 1 && q_len <= vert.size(2) && cur.size(2) == (q_len + block - 1) / block &&
+                  cur.size(3) == (vert.size(2) + block - 1) / block, "lengths do not match the block grid");
+  select_impl(vert, slash, cur, budget, q_len, block, out);
+}
+
+// mask bool contiguous [R, nkb] -> idx int32 contiguous [R, W], cnt int32 contiguous [R].
+void mask_layout(at::Tensor mask, at::Tensor idx, at::Tensor cnt) {
+  TORCH_CHECK(mask.is_contiguous() && mask.scalar_type() == at::kBool && mask.dim() == 2, "mask must be contiguous bool [R, nkb]");
+  TORCH_CHECK(idx.is_contiguous() && idx.scalar_type() == at::kInt && idx.dim() == 2 && idx.size(0) == mask.size(0),
+              "idx must be contiguous int32 [R, W]");
+  TORCH_CHECK(cnt.is_contiguous() && cnt.scalar_type() == at::kInt && cnt.numel() == mask.size(0), "cnt must be contiguous int32 [R]");
+  mask_layout_impl(mask, idx, cnt);
+}
+
 bool available(at::ScalarType dt) { return at::native::cpublas::could_pack(dt); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -486,4 +600,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available", &available, "whether brgemm can pack this dtype here");
   m.def("block_lse", &block_lse, "the planner's fused dynamic block score (CPU, bf16, AMX)");
   m.def("last_query", &last_query, "the planner's last-query element scores (CPU, bf16, AMX)");
+  m.def("select_blocks", &select_blocks, "the estimate's block choice from its element scores (CPU)");
+  m.def("mask_layout", &mask_layout, "a block mask's first W kept blocks per row (CPU)");
 }

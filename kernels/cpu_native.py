@@ -160,6 +160,16 @@ def block_lse_fn(k: torch.Tensor):
     return _STATE.module.block_lse
 
 
+def host_fn(name: str, t: torch.Tensor):
+    """One of the kernel's host-side planning helpers (``select_blocks``: the estimate's block
+    choice, :func:`dam.runtime.estimate.select_blocks`; ``mask_layout``: a mask's layout rows,
+    :func:`dam.runtime.planner.mask_to_layout`), when the kernel is built and ``t`` (their input)
+    lives on the CPU; else None. Never starts a build."""
+    if t.device.type != "cpu" or _STATE.state != "ready" or mode() == "off" or torch.compiler.is_compiling():
+        return None
+    return getattr(_STATE.module, name)
+
+
 def last_query_fn(k: torch.Tensor):
     """The fused last-query element scores of :func:`dam.runtime.estimate.last_query_scores`
     (exact softmax of the last queries, summed per key and per offset, in fp32), under the
@@ -208,4 +218,4 @@ def try_attention(q, k, v, layout: BlockLayout, *, causal: bool, scale: float, o
     return True
 
 
-__all__ = ["BUILD_FROM_KEYS", "SOURCE", "block_lse_fn", "last_query_fn", "mode", "state", "try_attention", "unsupported", "usable"]
+__all__ = ["BUILD_FROM_KEYS", "SOURCE", "block_lse_fn", "host_fn", "last_query_fn", "mode", "state", "try_attention", "unsupported", "usable"]

@@ -194,10 +194,7 @@ def select_blocks(
     Nq = int(q_len)
     nqb, nkb = -(-Nq // B), -(-Nk // B)
     dev = vert.device
-    geo = _geometry(Nq, Nk, B, dev)
-    causal = geo.causal
     cur = current.expand(Bt, He, nqb, nkb)
-    free = causal & ~cur  # blocks that would cost budget
     ncausal = causal_blocks(Nq, Nk, B)  # host arithmetic: no read of a tensor
     budget: int | torch.Tensor = max(0, math.floor(fraction * ncausal))
     if share == "adaptive":
@@ -205,6 +202,16 @@ def select_blocks(
         miss = (vert.sum(-1) - (vert * kept).sum(-1)).clamp(min=0)  # [Bt, He]
         w = miss / miss.mean(-1, keepdim=True).clamp(min=1e-12)
         budget = torch.floor(fraction * ncausal * w).clamp(min=0, max=ncausal).to(torch.int64)
+    fused = cpu_native.host_fn("select_blocks", vert) if vert.dtype == torch.float32 else None
+    if fused is not None:  # DAM's CPU kernel: the same choice, per head on the host
+        budgets = (budget.contiguous() if isinstance(budget, torch.Tensor)
+                   else torch.full((Bt, He), budget, dtype=torch.int64))
+        out = torch.empty((Bt, He, nqb, nkb), dtype=torch.bool)
+        fused(vert.contiguous(), slash.contiguous(), cur.contiguous(), budgets, Nq, B, out)
+        return out
+    geo = _geometry(Nq, Nk, B, dev)
+    causal = geo.causal
+    free = causal & ~cur  # blocks that would cost budget
     # an element's "rank" is its negated score: block (a, b) is covered by the top m elements
     # iff the best (least) one among its verticals [v_lo, v_hi] or its slashes [s_lo, s_hi] is
     # among them: tau[a, b] = that least value (range minima, :func:`_tau`). The blocks

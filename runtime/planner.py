@@ -416,6 +416,14 @@ def mask_to_layout(mask: torch.Tensor, block_size: int, max_blocks: int | None =
     omitted it is read from the mask (one sync).
     """
     nkb = mask.shape[-1]
+    fused = cpu_native.host_fn("mask_layout", mask) if max_blocks is not None else None
+    if fused is not None:  # DAM's CPU kernel: one pass per row
+        width = max(1, min(int(max_blocks), nkb))
+        flat = mask.reshape(-1, nkb).contiguous()
+        idx = torch.empty((flat.shape[0], width), dtype=torch.int32)
+        cnt = torch.empty(flat.shape[0], dtype=torch.int32)
+        fused(flat, idx, cnt)
+        return BlockLayout(idx.view(*mask.shape[:3], width), cnt.view(mask.shape[:3]), block_size, block_size)
     counts = mask.sum(-1, dtype=torch.int32)
     if max_blocks is None:
         max_blocks = int(counts.max()) if counts.numel() else 1

@@ -68,6 +68,21 @@ class BenchConfig:
             raise DamRuntimeError(f"decode must be auto, sparse or dense, got {self.decode!r}")
 
 
+def fit_break_even(n: int, rows: list[dict]) -> dict:
+    """A length's record: its per-layer ``rows`` (``bound``, ``ratio`` = sparse / dense), the
+    least-squares line of ratio against bound and the bound where it crosses 1."""
+    xs = [r["bound"] for r in rows]
+    ys = [r["ratio"] for r in rows]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
+    icpt = my - slope * mx
+    even = (1.0 - icpt) / slope if slope > 0 else None
+    log.info("N=%d: sparse/dense ~ %.3f + %.3f * bound -> break-even bound %s", n, icpt, slope,
+             "none" if even is None else f"{even:.3f}")
+    return {"length": n, "layers": rows, "fit": {"intercept": icpt, "slope": slope}, "break_even_bound": even}
+
+
 def _apply(model, artifact, config: BenchConfig):
     """DAM on ``model`` as the benchmark runs it (backend, min_length, decode, last_query from ``config``)."""
     return apply(model, artifact, backend=config.backend, min_length=config.min_length, decode=config.decode,
@@ -505,4 +520,4 @@ def _build_kernels(model, artifact, config: BenchConfig, ids: torch.Tensor) -> N
     cpu_flex.wait_for_builds()
 
 
-__all__ = ["BenchConfig", "BenchReport", "BenchRow", "bench", "cpu_has_bf16", "default_dtype"]
+__all__ = ["BenchConfig", "BenchReport", "BenchRow", "bench", "cpu_has_bf16", "default_dtype", "fit_break_even"]

@@ -40,7 +40,9 @@ def built(monkeypatch):
     class Counting:
         def __init__(self):
             self.real = real
-            self.block_lse, self.last_query = real.block_lse, real.last_query
+
+        def __getattr__(self, name):  # the planning helpers, uncounted
+            return getattr(self.real, name)
 
         def attend(self, *a):
             calls.append(a)
@@ -298,3 +300,50 @@ def test_last_query_scores_take_the_fused_kernel(built, monkeypatch, shape):
     # probabilities in [0, 1] summed over n rows, from fp32 scores: a few fp32 eps per term
     tol = 64 * torch.finfo(torch.float32).eps * n
     assert (vert.double() - v64).abs().max() <= tol and (slash.double() - s64).abs().max() <= tol
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 9, 700, 700, 64, 0.1, "uniform"), (2, 3, 300, 900, 16, 0.3, "adaptive"),
+                                   (1, 2, 33, 33, 5, 0.5, "uniform"), (1, 4, 130, 257, 32, 1.0, "uniform"),
+                                   (1, 2, 64, 128, 16, 0.0, "uniform")])
+def test_block_choice_takes_the_kernel_and_equals_the_planners_ops(built, monkeypatch, shape):
+    """The estimate's block choice on CPU from the kernel equals :func:`select_blocks`' own ops
+    (full and ragged query blocks, chunked prefill, both shares, an exhausted and a zero budget,
+    ties in the scores kept or dropped together)."""
+    from dam.runtime import estimate
+
+    Bt, He, Nq, Nk, B, fraction, share = shape
+    g = torch.Generator().manual_seed(Nk + He)
+    vert = torch.rand(Bt, He, Nk, generator=g)
+    slash = torch.rand(Bt, He, Nk, generator=g)
+    vert[..., ::7] = 0.5  # ties
+    nqb, nkb = -(-Nq // B), -(-Nk // B)
+    current = torch.rand(1, He, nqb, nkb, generator=g) < 0.3
+    used = []
+    real = cpu_native.host_fn
+    monkeypatch.setattr(cpu_native, "host_fn", lambda name, t: used.append(name) or real(name, t))
+    got = estimate.select_blocks(vert, slash, current, fraction, Nq, B, share)
+    assert used == ["select_blocks"]
+    monkeypatch.setattr(cpu_native, "host_fn", lambda name, t: None)
+    want = estimate.select_blocks(vert, slash, current, fraction, Nq, B, share)
+    assert got.dtype == torch.bool and torch.equal(got, want)
+
+
+@needs_kernel
+@pytest.mark.parametrize("width", [1, 5, 40])
+def test_mask_layout_takes_the_kernel_and_equals_the_planners_ops(built, monkeypatch, width):
+    """:func:`mask_to_layout` with a host width, on CPU, from the kernel: the same indices and
+    counts as its own ops (rows over the width cut, empty rows)."""
+    from dam.runtime.planner import mask_to_layout
+
+    g = torch.Generator().manual_seed(width)
+    mask = torch.rand(2, 3, 7, 40, generator=g) < 0.3
+    mask[0, 1, 2] = False
+    used = []
+    real = cpu_native.host_fn
+    monkeypatch.setattr(cpu_native, "host_fn", lambda name, t: used.append(name) or real(name, t))
+    got = mask_to_layout(mask, 16, width)
+    assert used == ["mask_layout"]
+    monkeypatch.setattr(cpu_native, "host_fn", lambda name, t: None)
+    want = mask_to_layout(mask, 16, width)
+    assert torch.equal(got.kv_indices, want.kv_indices) and torch.equal(got.kv_counts, want.kv_counts)
