@@ -15,8 +15,9 @@ vLLM's implementation unchanged. With one (``additional_config["dam_artifact"]``
   break-even) on their own queries, keys and values (:meth:`DamHandle.attend`), and vLLM's kernel
   for everything else: those layers, decode tokens, short prompts, later chunks of a chunked
   prefill and prompts with a prefix-cache hit. A step whose requests all run DAM skips vLLM's
-  kernel; otherwise vLLM's kernel runs for the whole batch first and DAM overwrites its rows
-  (right, not yet faster).
+  kernel; in a mixed step (continuous batching: prefills beside decodes) vLLM's kernel runs on
+  the other requests only, through metadata of their own (their rows, lengths, block-table rows
+  and vLLM's scheduler metadata for them, made once per step and subset).
 
 The KV cache is always written by vLLM (``do_kv_cache_update`` is inherited), so decode reads
 the same cache whichever path a prompt took. Tensor parallelism: a rank's query heads are
@@ -30,6 +31,9 @@ import logging
 import os
 import threading
 
+import torch
+from vllm import _custom_ops as ops
+from vllm import envs
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
@@ -97,6 +101,11 @@ class DamCPUAttentionMetadata(CPUAttentionMetadata):
     dam_requests: tuple[tuple[int, int], ...] = ()
     #: every request with tokens this step is one of them (vLLM's kernel is skipped)
     dam_only: bool = False
+    #: ``(first, end)`` token rows of every request of the step (empty ones included)
+    all_requests: tuple[tuple[int, int], ...] = ()
+    #: the other requests' own metadata, made on first use: ``rest(frozenset of DAM rows) ->
+    #: (CPUAttentionMetadata of the others, int64 token rows of theirs)``
+    rest: object = None
 
 
 class DamCPUMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -121,7 +130,42 @@ class DamCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         if not reqs:
             return md
         fields = {f.name: getattr(md, f.name) for f in dataclasses.fields(md)}
-        return DamCPUAttentionMetadata(**fields, dam_requests=tuple(reqs), dam_only=len(reqs) == busy)
+        rows = tuple(zip(starts[:-1], starts[1:], strict=True))
+        dam_only = len(reqs) == busy
+        rest = None if dam_only or md.dynamic_causal is not None else _RestMetadata(self, md, rows, seqs)
+        return DamCPUAttentionMetadata(**fields, dam_requests=tuple(reqs), dam_only=dam_only, all_requests=rows,
+                                       rest=rest)
+
+
+class _RestMetadata:
+    """vLLM's CPU attention metadata for the requests of a step that DAM does not compute (as the
+    base builder makes it, for those requests alone), per subset, made once per step."""
+
+    def __init__(self, builder: CPUAttentionMetadataBuilder, md: CPUAttentionMetadata, rows, seqs) -> None:
+        self._b, self._md, self._rows, self._seqs = builder, md, rows, seqs
+        self._made: dict[frozenset, tuple] = {}
+
+    def __call__(self, dam_rows: frozenset):
+        got = self._made.get(dam_rows)
+        if got is None:
+            keep = [i for i, r in enumerate(self._rows) if r not in dam_rows and r[1] > r[0]]
+            lens = [self._rows[i][1] - self._rows[i][0] for i in keep]
+            qsl = torch.zeros(len(keep) + 1, dtype=self._md.query_start_loc.dtype)
+            qsl[1:] = torch.tensor(lens, dtype=qsl.dtype).cumsum(0)
+            seq_lens = self._md.seq_lens[keep]
+            b = self._b
+            sched = ops.cpu_attn_get_scheduler_metadata(
+                num_reqs=len(keep), num_heads=b.num_heads, num_kv_heads=b.num_kv_heads, head_dim=b.head_dim,
+                seq_lens=seq_lens, dtype=b.dtype, query_start_loc=qsl, causal=self._md.causal,
+                sliding_window_size=b.window_size, isa=b.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+                dynamic_causal=None, kv_cache_dtype=b.kv_cache_dtype)
+            md = dataclasses.replace(
+                self._md, num_actual_tokens=int(qsl[-1]), max_query_len=max(lens), query_start_loc=qsl,
+                max_seq_len=max(self._seqs[i] for i in keep), seq_lens=seq_lens,
+                block_table=self._md.block_table[keep], scheduler_metadata=sched)
+            tok = torch.cat([torch.arange(*self._rows[i]) for i in keep])
+            got = self._made[dam_rows] = (md, tok)
+        return got
 
 
 class DamCPUAttentionImpl(CPUAttentionBackendImpl):
@@ -147,10 +191,21 @@ class DamCPUAttentionImpl(CPUAttentionBackendImpl):
                       if self._dam.runs_sparse(self._layer, q1 - q0, q1 - q0, query.device, query.dtype)]
         else:
             sparse = []
-        if not sparse or len(sparse) < len(reqs) or not attn_metadata.dam_only:
-            # vLLM's kernel for every row (dense requests, decode, chunks); DAM then overwrites its own
+        if not sparse:
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                             output_block_scale)
+        elif len(sparse) < len(reqs) or not attn_metadata.dam_only:
+            # vLLM's kernel for the other rows (dense requests, decode, chunks), with their own metadata
+            rest = attn_metadata.rest
+            if rest is None:  # (a dynamic causal mask): vLLM's kernel for every row, DAM overwrites its own
+                super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                output_block_scale)
+            else:
+                md, tok = rest(frozenset(sparse))
+                out = torch.empty((md.num_actual_tokens, *output.shape[1:]), dtype=output.dtype)
+                super().forward(layer, query.index_select(0, tok), None, None, kv_cache, md, out, output_scale,
+                                output_block_scale)
+                output.index_copy_(0, tok, out)
         for q0, q1 in sparse:  # [T, H, D] rows -> [1, H, T, D] views
             q = query[q0:q1].transpose(0, 1).unsqueeze(0)
             k = key[q0:q1].transpose(0, 1).unsqueeze(0)
