@@ -69,7 +69,7 @@ DENSE_ABOVE: dict[tuple[str, torch.dtype | None], float | tuple[tuple[int, float
     ("cpu:aten", torch.bfloat16): _CPU_16BIT_ATEN_RULE,
     ("cpu:aten", torch.float16): _CPU_16BIT_ATEN_RULE,
     ("cpu", None): ((4096, 0.0), (8192, 0.215)),
-    ("cpu:vllm", torch.bfloat16): ((2048, 0.0), (4096, 0.417), (8192, 0.575)),
+    ("cpu:vllm", torch.bfloat16): ((2048, 0.0), (4096, 0.53), (8192, 0.492)),
 }
 
 
