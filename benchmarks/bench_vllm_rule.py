@@ -76,7 +76,7 @@ def main() -> None:
     art = load_artifact(args.artifact)
     probe = DamHandle(None, art, RuntimeConfig(backend="cpu", min_length=1, dense_above=1.0))
     samples: dict[int, list] = {}  # layer -> [(bound, vllm_s, dam_s)] of the current length
-    threads: list[int] = []
+    threads: set[int] = set()  # the worker's torch threads, as the calls saw them
 
     def forward(self, layer, query, key, value, kv_cache, md, output, *a, **kw):
         reqs = getattr(md, "dam_requests", ())
@@ -101,7 +101,7 @@ def main() -> None:
             n = reqs[0][1] - reqs[0][0]
             bound = probe.planner(self._layer, query.device).density_bound(n, n)
             samples.setdefault(self._layer, []).append((bound, t_vllm, t_dam))
-        threads.append(torch.get_num_threads())
+        threads.add(torch.get_num_threads())
         return output
 
     vb.DamCPUAttentionImpl.forward = forward

@@ -418,12 +418,12 @@ def mask_to_layout(mask: torch.Tensor, block_size: int, max_blocks: int | None =
     nkb = mask.shape[-1]
     fused = cpu_native.host_fn("mask_layout", mask) if max_blocks is not None else None
     if fused is not None:  # DAM's CPU kernel: one pass per row
-        width = max(1, min(int(max_blocks), nkb))
+        max_blocks = max(1, min(int(max_blocks), nkb))
         flat = mask.reshape(-1, nkb).contiguous()
-        idx = torch.empty((flat.shape[0], width), dtype=torch.int32)
+        idx = torch.empty((flat.shape[0], max_blocks), dtype=torch.int32)
         cnt = torch.empty(flat.shape[0], dtype=torch.int32)
         fused(flat, idx, cnt)
-        return BlockLayout(idx.view(*mask.shape[:3], width), cnt.view(mask.shape[:3]), block_size, block_size)
+        return BlockLayout(idx.view(*mask.shape[:3], max_blocks), cnt.view(mask.shape[:3]), block_size, block_size)
     counts = mask.sum(-1, dtype=torch.int32)
     if max_blocks is None:
         max_blocks = int(counts.max()) if counts.numel() else 1
@@ -535,9 +535,7 @@ class Planner:
             if hit is not None:
                 _SHARED_STATIC.move_to_end(shared_key)
         if hit is not None:
-            self._cache[key] = hit
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+            self._remember(key, hit)
             return hit
         B = self.block_size
         ql = torch.tensor([q_len], device=self.device)
@@ -549,14 +547,17 @@ class Planner:
             bias, budget = dynamic_candidates(self.table, mask, ql, kl, B)
         entry = _Entry(layout, bias, budget, self._bound(mask, budget, q_len, kv_len),
                        self._width(layout, q_len, kv_len))
-        self._cache[key] = entry
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        self._remember(key, entry)
         with _SHARED_LOCK:
             _SHARED_STATIC[shared_key] = entry
             while len(_SHARED_STATIC) > SHARED_CACHE_SIZE:
                 _SHARED_STATIC.popitem(last=False)
         return entry
+
+    def _remember(self, key: tuple[int, int], entry: _Entry) -> None:
+        self._cache[key] = entry
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
 
     def _bound(self, static: torch.Tensor, budget: torch.Tensor | None, q_len: int, kv_len: int) -> float:
         """Upper bound of the planned block density for ``(q_len, kv_len)`` (host float, computed

@@ -101,8 +101,6 @@ class DamCPUAttentionMetadata(CPUAttentionMetadata):
     dam_requests: tuple[tuple[int, int], ...] = ()
     #: every request with tokens this step is one of them (vLLM's kernel is skipped)
     dam_only: bool = False
-    #: ``(first, end)`` token rows of every request of the step (empty ones included)
-    all_requests: tuple[tuple[int, int], ...] = ()
     #: the other requests' own metadata, made on first use: ``rest(frozenset of DAM rows) ->
     #: (CPUAttentionMetadata of the others, int64 token rows of theirs)``
     rest: object = None
@@ -130,11 +128,10 @@ class DamCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         if not reqs:
             return md
         fields = {f.name: getattr(md, f.name) for f in dataclasses.fields(md)}
-        rows = tuple(zip(starts[:-1], starts[1:], strict=True))
-        dam_only = len(reqs) == busy
-        rest = None if dam_only or md.dynamic_causal is not None else _RestMetadata(self, md, rows, seqs)
-        return DamCPUAttentionMetadata(**fields, dam_requests=tuple(reqs), dam_only=dam_only, all_requests=rows,
-                                       rest=rest)
+        # made lazily: a step whose layers all run every request through DAM never builds one
+        rest = None if md.dynamic_causal is not None else _RestMetadata(
+            self, md, tuple(zip(starts[:-1], starts[1:], strict=True)), seqs)
+        return DamCPUAttentionMetadata(**fields, dam_requests=tuple(reqs), dam_only=len(reqs) == busy, rest=rest)
 
 
 class _RestMetadata:
